@@ -55,6 +55,13 @@ def _to_flax(arr: np.ndarray, kind: str) -> np.ndarray:
     return arr
 
 
+def _torch_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    if kind == "conv":
+        h, w, i, o = flax_shape
+        return (o, i, h, w)
+    return flax_shape[::-1] if kind == "dense" else flax_shape
+
+
 def convert_resnet50(state_dict: Mapping[str, np.ndarray],
                      width_per_group: int | None = None) -> tuple[ResNet50, dict[str, Any]]:
     """Build the model and its `{"params", "batch_stats"}` variables from a torchvision state dict.
@@ -86,7 +93,7 @@ def convert_resnet50(state_dict: Mapping[str, np.ndarray],
         arr = _to_flax(state_dict[name], kind)
         if arr.shape != tuple(leaf.shape):
             misshaped.append(f"{name}: file {tuple(state_dict[name].shape)}, "
-                             f"model expects {tuple(leaf.shape)} after layout change")
+                             f"expected {_torch_shape(tuple(leaf.shape), kind)}")
             continue
         out[path] = arr
     unexpected = [k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIX)]
