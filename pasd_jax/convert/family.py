@@ -27,7 +27,7 @@ EXPECTED = {
 }
 _EXPECTED_ANY = ("Stable Diffusion 1.x weights: an original-LDM single file, a diffusers UNet state dict or a "
                  "kohya LoRA")
-_SD2_NOTE = ("SD2.x 768-v (v-prediction) and SD2.x 512-base have identical weights layouts, so which one this is "
+_SD2_NOTE = ("SD2.x 768-v (v-prediction) and SD2.x 512-base have identical weight layouts, so which one this is "
              "cannot be told from the weights")
 
 # cross-attention width -> family, for widths that are never SD1.x
@@ -65,13 +65,13 @@ def _shape(v: Any) -> tuple[int, ...]:
 def detect_layout(state: Mapping[str, Any]) -> str:
     """The key layout: original LDM single file, diffusers UNet state dict, kohya LoRA or PEFT/diffusers LoRA."""
     keys = list(state)
+    if any(k.startswith((LDM_UNET, LDM_VAE, "cond_stage_model.", SGM_CONDITIONER)) for k in keys):
+        return "ldm"
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".hada_w" in k or ".lokr_w" in k
            for k in keys):
         return "kohya_lora"
     if any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or ".lora_linear_layer." in k for k in keys):
         return "peft_lora"
-    if any(k.startswith((LDM_UNET, LDM_VAE, "cond_stage_model.", SGM_CONDITIONER)) for k in keys):
-        return "ldm"
     if "conv_in.weight" in state and any(k.startswith("down_blocks.") for k in keys):
         return "diffusers_unet"
     return "unknown"
@@ -104,7 +104,8 @@ def _cross_attention(found: tuple[str, Any] | None, where: str) -> tuple[str, st
     fam = _CROSS_DIM_FAMILY.get(dim)
     if fam is None:
         return None
-    return fam, f"cross-attention dim {dim} ({where} `{k}` has shape {list(shape)})"
+    where = f"{where} " if where else ""
+    return fam, f"cross-attention dim {dim} ({where}`{k}` has shape {list(shape)})"
 
 
 def _ldm_family(state: Mapping[str, Any]) -> Family:

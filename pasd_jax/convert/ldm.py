@@ -324,7 +324,10 @@ def ldm_to_diffusers(state: Mapping[str, np.ndarray], *, unet_config: Mapping[st
     `ModelFamilyError` for another model family and `LdmConversionError` for unmapped or missing keys or shapes
     that contradict the configs.
     """
-    check_sd1(state, what=what)
+    fam = check_sd1(state, what=what)
+    if fam.layout != "ldm":
+        raise LdmConversionError(f"{what}: found {fam.evidence} ({fam.layout} layout); expected an original-LDM "
+                                 f"single-file checkpoint (`{LDM_UNET}*` keys). A LoRA is merged, not converted")
     groups: dict[str, dict[str, np.ndarray]] = {LDM_UNET: {}, LDM_VAE: {}, LDM_CLIP: {}}
     ignored, unmapped = [], []
     for key, value in state.items():
