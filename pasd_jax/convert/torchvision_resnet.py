@@ -62,13 +62,14 @@ def _torch_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
     return flax_shape[::-1] if kind == "dense" else flax_shape
 
 
-def convert_resnet50(state_dict: Mapping[str, np.ndarray],
-                     width_per_group: int | None = None) -> tuple[ResNet50, dict[str, Any]]:
+def convert_resnet50(state_dict: Mapping[str, np.ndarray], width_per_group: int | None = None,
+                     **model_kwargs: Any) -> tuple[ResNet50, dict[str, Any]]:
     """Build the model and its `{"params", "batch_stats"}` variables from a torchvision state dict.
 
     Args:
       state_dict: torchvision key -> numpy array (any float dtype; stored as float32).
       width_per_group: checked against the weights when given; inferred from them otherwise.
+      **model_kwargs: other `ResNet50` fields (`dtype`, `precision`).
     Raises:
       WeightFileError: listing every missing, unexpected and mis-shaped key.
     """
@@ -76,7 +77,7 @@ def convert_resnet50(state_dict: Mapping[str, np.ndarray],
     if width_per_group is not None and width_per_group != inferred:
         raise WeightFileError(f"width_per_group={width_per_group} requested but the weights have {inferred}")
     num_classes = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else 1000
-    model = ResNet50(width_per_group=inferred, num_classes=num_classes)
+    model = ResNet50(width_per_group=inferred, num_classes=num_classes, **model_kwargs)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 3, 224, 224), jnp.float32))
 
     flat, _ = jax.tree_util.tree_flatten_with_path(shapes)
@@ -113,11 +114,11 @@ def convert_resnet50(state_dict: Mapping[str, np.ndarray],
     return model, variables
 
 
-def load_torchvision_resnet50(path: str | os.PathLike,
-                              width_per_group: int | None = None) -> tuple[ResNet50, dict[str, Any]]:
+def load_torchvision_resnet50(path: str | os.PathLike, width_per_group: int | None = None,
+                              **model_kwargs: Any) -> tuple[ResNet50, dict[str, Any]]:
     """Read a torchvision ResNet-50 weight file (`.safetensors`, or `.pth` with the torch extra) and convert it."""
     try:
-        return convert_resnet50(load_weights(path), width_per_group)
+        return convert_resnet50(load_weights(path), width_per_group, **model_kwargs)
     except WeightFileError as e:
         if str(path) in str(e):
             raise

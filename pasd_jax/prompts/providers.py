@@ -320,7 +320,8 @@ def load_categories(weights_path: PathLike | None = None, categories_file: PathL
 def make_jax_classifier(weights_path: PathLike) -> Callable[[Image.Image], np.ndarray]:
     """The torchvision ResNet-50 weights in JAX: PIL image -> softmax probabilities, jitted, batch of one.
 
-    Runs on JAX's default device (the sampler's), in float32 as the official fp32 torchvision model.
+    Runs on JAX's default device (the sampler's), in float32 at HIGHEST precision (no TF32), as the official fp32
+    torchvision model computes on CPU.
     """
     import jax
     import jax.numpy as jnp
@@ -328,7 +329,7 @@ def make_jax_classifier(weights_path: PathLike) -> Callable[[Image.Image], np.nd
     from pasd_jax.convert.torchvision_resnet import load_torchvision_resnet50
     from pasd_jax.prompts.preprocess import imagenet_preprocess
 
-    model, variables = load_torchvision_resnet50(weights_path)
+    model, variables = load_torchvision_resnet50(weights_path, precision=jax.lax.Precision.HIGHEST)
     variables = jax.device_put(variables)
 
     @jax.jit
