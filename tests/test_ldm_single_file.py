@@ -40,7 +40,8 @@ def _convert(state, cfg, **over):
 
 
 def _assert_bit_equal(got: dict, ref: dict, name: str) -> None:
-    assert set(got) == set(ref), f"{name}: missing {sorted(set(ref) - set(got))[:5]}, extra {sorted(set(got) - set(ref))[:5]}"
+    missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
+    assert not missing and not extra, f"{name}: missing {missing[:5]}, extra {extra[:5]}"
     worst = 0.0
     for k, r in ref.items():
         g = got[k]
@@ -235,7 +236,8 @@ def _ldm_sd15_unet(mc=320, mult=(1, 2, 4, 4), attn_levels=(0, 1, 2), n_res=2, ct
             chans.append(ch)
             n += 1
         if level != len(mult) - 1:
-            sd.update({f"input_blocks.{n}.0.op.weight": _shape(ch, ch, 3, 3), f"input_blocks.{n}.0.op.bias": _shape(ch)})
+            sd.update({f"input_blocks.{n}.0.op.weight": _shape(ch, ch, 3, 3),
+                       f"input_blocks.{n}.0.op.bias": _shape(ch)})
             chans.append(ch)
             n += 1
     res("middle_block.0", ch, ch)

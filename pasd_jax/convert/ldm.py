@@ -40,7 +40,8 @@ _VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_
 _TRANSFORMER_INNER = re.compile(r"norm|proj_in|proj_out|transformer_blocks\.\d+\.(norm[123]|"
                                 r"attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))")
 _CLIP_KEY = re.compile(r"text_model\.(embeddings\.(token_embedding|position_embedding)\.weight|"
-                       r"encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|layer_norm[12]|mlp\.fc[12])\.(weight|bias)|"
+                       r"encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|layer_norm[12]|mlp\.fc[12])"
+                       r"\.(weight|bias)|"
                        r"final_layer_norm\.(weight|bias))")
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
@@ -87,7 +88,8 @@ def base_configs(base: PathLike | None) -> dict[str, dict[str, Any]]:
     if not base.is_dir():
         raise WeightFileError(f"--base {base} is not a folder: expected a diffusers SD1.x pipeline folder with "
                               "unet/config.json, vae/config.json and text_encoder/config.json")
-    return {c: read_json(base / _CONFIG_FILES[c], what=f"{c} config of --base") for c in ("unet", "vae", "text_encoder")}
+    return {c: read_json(base / _CONFIG_FILES[c], what=f"{c} config of --base")
+            for c in ("unet", "vae", "text_encoder")}
 
 
 # ----------------------------------------------------------------------------------------------------- tables
