@@ -108,17 +108,22 @@ def module_index(keys: list[str] | Mapping[str, object]) -> dict[str, list[str]]
     return index
 
 
+def _check_rule(module: LoraModule, rule: str) -> None:
+    down = module.down
+    if rule == "official" and down.ndim == 4 and down.shape[2:] != (1, 1):
+        raise LoraError(f"{module.name}: a {down.shape[2]}x{down.shape[3]} conv LoRA (LoCon) cannot be merged with "
+                        "rule='official': PASD's merge squeezes only 1x1 kernels and crashes on it ('mat2 must be a "
+                        "matrix'); use rule='alpha_scaled'")
+
+
 def lora_delta(module: LoraModule, rule: str = "alpha_scaled") -> np.ndarray:
     """`up @ down` in float32 with the kernel layout of the target weight (not yet scaled)."""
+    _check_rule(module, rule)
     up, down = module.up.astype(np.float32), module.down.astype(np.float32)
     if down.ndim == 2:
         return up @ down
     if down.shape[2:] == (1, 1):
         return (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
-    if rule == "official":
-        raise LoraError(f"{module.name}: a {down.shape[2]}x{down.shape[3]} conv LoRA (LoCon) cannot be merged with "
-                        "rule='official': PASD's merge squeezes only 1x1 kernels and crashes on it ('mat2 must be a "
-                        "matrix'); use rule='alpha_scaled'")
     # a kxk `down` conv followed by a 1x1 `up` conv is one kxk conv with this kernel
     return np.einsum("ok,kiyx->oiyx", up[:, :, 0, 0], down)
 
@@ -150,8 +155,7 @@ def merge_lora(lora: Mapping[str, np.ndarray], *, unet: Mapping[str, np.ndarray]
                                            f"no such module in the {comp}"))
             continue
         key = found[0] + ".weight"
-        if mod.down.ndim == 4 and mod.down.shape[2:] != (1, 1):
-            lora_delta(mod, rule)  # raises for the official rule before anything is merged
+        _check_rule(mod, rule)  # before anything is merged
         want = tuple(target[key].shape)
         got = (mod.up.shape[0], mod.down.shape[1], *mod.down.shape[2:])
         if got != want:
