@@ -303,6 +303,8 @@ def test_missing_category_names(no_optional_packages, tmp_path, golden_dir):
     weights.symlink_to(golden_dir / "resnet50" / "resnet50.safetensors")
     with pytest.raises(WeightFileError, match=f"no ImageNet category names: put .*{tmp_path}/imagenet_categories"):
         build_prompt_fn("classification", classifier_weights=weights)
+    with pytest.raises(WeightFileError, match="missing category names file .*absent.json"):
+        build_prompt_fn("classification", classifier_weights=weights, categories_file=tmp_path / "absent.json")
     bad = _write(tmp_path / "cats.json", json.dumps(["a", "b"]))
     with pytest.raises(WeightFileError, match="JSON list of 1000 strings"):
         build_prompt_fn("classification", classifier_weights=weights, categories_file=bad)

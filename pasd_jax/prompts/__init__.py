@@ -24,6 +24,9 @@ Then `added_prompt` is appended **without a separator**, as the official code do
 `control_type="grayscale"` follows the official colorization mode: the image is made gray before the provider runs,
 "black and white" becomes "color", no added prompt; its negative prompt comes from `negative_prompt_for`.
 
+Any other model plugs in through `make_prompt_fn(provider, ...)` with a provider whose model is a plain callable
+(`ClassificationProvider(classify=...)`, `DetectionProvider(detect=...)`, `CaptionProvider(generate=...)`).
+
 Errors, raised by `build_prompt_fn` before any sampling:
 - `MissingDependencyError` (an `ImportError`): the optional package is absent; the message has the `pip install` line.
 - `pasd_jax.convert.io.WeightFileError` (a `ValueError`): no weight path given, file missing, wrong tensors, or no
@@ -37,8 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
-
 from PIL import Image
 
 from pasd_jax.prompts import rules
@@ -139,7 +140,7 @@ def build_prompt_fn(high_level_info: str | None, *, prompt: str = "", added_prom
                     categories_file: PathLike | None = None, detector_weights: PathLike | None = None,
                     captioner: PathLike | None = None, caption_model: str = "coca",
                     cache_dir: PathLike | None = None, separator: bool = False, control_type: str = "realisr",
-                    device: str = "cpu") -> Callable[[Image.Image, str], str]:
+                    device: str = "cpu") -> PromptFn:
     """The sampler's entry: `--high-level-info` and its files -> `(PIL image, relative path) -> positive prompt`.
 
     Fails now (not at the first image) on a missing package or weight file; see the package docstring.

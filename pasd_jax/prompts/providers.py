@@ -288,6 +288,9 @@ def load_categories(weights_path: PathLike | None = None, categories_file: PathL
     The names must be torchvision's list (`ResNet50_Weights.IMAGENET1K_V2.meta["categories"]`, index = logit), since
     PASD writes exactly those names into the prompt.
     """
+    if categories_file is not None and not pathlib.Path(categories_file).is_file():
+        raise WeightFileError(f"missing category names file {categories_file} (a JSON list of the 1000 ImageNet "
+                              f"names in torchvision's order)")
     candidates = [pathlib.Path(categories_file)] if categories_file is not None else []
     if weights_path is not None:
         candidates.append(pathlib.Path(weights_path).parent / CATEGORIES_FILE)
@@ -300,8 +303,6 @@ def load_categories(weights_path: PathLike | None = None, categories_file: PathL
                 raise WeightFileError(f"cannot parse category names {c}: {e}") from e
             break
     else:
-        if categories_file is not None:
-            raise WeightFileError(f"missing category names file {categories_file}")
         if importlib.util.find_spec("torchvision") is None:
             where = candidates[0] if candidates else pathlib.Path(CATEGORIES_FILE)
             raise WeightFileError(
@@ -375,7 +376,11 @@ def detection_provider(weights_path: PathLike | None, imgsz: int = 640) -> Detec
 
 def coca_provider(weights_path: PathLike | None, model_name: str = "coca_ViT-L-14",
                   device: str = "cpu") -> CaptionProvider:
-    """open_clip CoCa from a local checkpoint (official: `coca_ViT-L-14`, `mscoco_finetuned_laion2B-s13B-b90k`)."""
+    """open_clip CoCa from a local checkpoint (official: `coca_ViT-L-14`, `mscoco_finetuned_laion2B-s13B-b90k`).
+
+    `model.generate` with open_clip's defaults, as the official code. The official call sits under CUDA autocast
+    (fp16 on a GPU); here it runs in float32 on `device`, so a rare caption may differ in a word.
+    """
     require_package("open_clip", "open_clip_torch", "--high-level-info caption (CoCa)")
     p = _require_file(weights_path, f"open_clip {model_name} checkpoint (mscoco_finetuned_laion2B-s13B-b90k, "
                       "open_clip_pytorch_model.bin or .safetensors)", "captioner / --captioner")
