@@ -1,0 +1,204 @@
+"""DDIM and UniPC against the tiny-pipeline golden (diffusers 0.29.2, official PASD pipeline)."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pasd_jax.schedulers import scheduler_from_config
+from pasd_jax.schedulers import schedule as sch
+
+UNIPC_20 = [999, 949, 899, 849, 799, 749, 699, 649, 599, 549, 500, 450, 400, 350, 300, 250, 200, 150, 100, 50]
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(golden_dir):
+    return golden_dir / "tiny_pipeline"
+
+
+@pytest.fixture(scope="module", params=["ddim", "unipc"])
+def kind_golden(request, pipe_dir):
+    return request.param, load_file(str(pipe_dir / f"pipeline_{request.param}.safetensors"))
+
+
+def test_effective_config_matches_golden(pipe_dir):
+    for kind in ("ddim", "unipc"):
+        raw = sch.load_config(pipe_dir / "scheduler")
+        ours = sch.effective_config(raw, kind)
+        golden = json.loads((pipe_dir / f"{kind}_effective_scheduler_config.json").read_text())
+        for key, value in ours.items():
+            assert golden[key] == value, (kind, key, golden[key], value)
+        assert set(ours) == set(sch.DEFAULTS[kind])
+
+
+def test_config_loading_forms(pipe_dir):
+    folder = scheduler_from_config(pipe_dir, "ddim", 4)                        # pipeline folder
+    file = scheduler_from_config(pipe_dir / "scheduler" / "scheduler_config.json", "ddim", 4)
+    d = scheduler_from_config(json.loads((pipe_dir / "scheduler/scheduler_config.json").read_text()), "ddim", 4)
+    for s in (file, d):
+        np.testing.assert_array_equal(s.timesteps, folder.timesteps)
+        np.testing.assert_array_equal(s.sqrt_alpha_prev, folder.sqrt_alpha_prev)
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        scheduler_from_config(pipe_dir / "vae", "ddim", 4)
+    with pytest.raises(ValueError, match="unknown unipc scheduler option"):
+        scheduler_from_config(pipe_dir, "unipc", 4, no_such_option=1)
+
+
+def test_timesteps_match_golden(kind_golden, pipe_dir):
+    kind, g = kind_golden
+    s = scheduler_from_config(pipe_dir / "scheduler", kind, 4)
+    print(kind, s.timesteps, g["scheduler_timesteps"])
+    np.testing.assert_array_equal(s.timesteps, g["scheduler_timesteps"])
+    for i in range(4):
+        assert int(g[f"step.{i}.t"]) == s.timesteps[i]
+
+
+def test_unipc_20_step_timesteps(pipe_dir):
+    s = scheduler_from_config(pipe_dir / "scheduler", "unipc", 20)
+    assert s.timesteps.tolist() == UNIPC_20
+    # Warm-up order 1, then order 2, and the last step of order 1 (lower_order_final).
+    assert s.orders.tolist() == [1] + [2] * 18 + [1]
+    assert s.sigmas[-1] == 0.0
+
+
+def test_spacings():
+    kw = dict(num_train_timesteps=1000, steps_offset=1)
+    assert sch.spaced_timesteps(4, spacing="leading", **kw).tolist() == [751, 501, 251, 1]
+    assert sch.spaced_timesteps(4, spacing="leading", multistep=True, **kw).tolist() == [801, 601, 401, 201]
+    assert sch.spaced_timesteps(4, spacing="linspace", **kw).tolist() == [999, 666, 333, 0]
+    assert sch.spaced_timesteps(4, spacing="linspace", multistep=True, **kw).tolist() == [999, 749, 500, 250]
+    assert sch.spaced_timesteps(4, spacing="trailing", **kw).tolist() == [999, 749, 499, 249]
+    assert sch.spaced_timesteps(3, spacing="trailing", multistep=True, **kw).tolist() == [999, 666, 332]
+    with pytest.raises(ValueError):
+        sch.spaced_timesteps(4, spacing="karras")
+
+
+def test_beta_schedules():
+    base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, trained_betas=None)
+    scaled = sch.make_betas({**base, "beta_schedule": "scaled_linear"})
+    abar = sch.alphas_cumprod_from_betas(scaled)
+    # Spec 4.5: abar_50, abar_400, abar_900, abar_999 of SD1.5.
+    print("abar", abar[[50, 400, 900, 999]])
+    np.testing.assert_allclose(abar[[50, 400, 900, 999]], [0.95158, 0.42448, 0.014151, 0.0046601], rtol=1e-4)
+    np.testing.assert_allclose(np.sqrt(scaled), np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000), rtol=1e-6)
+    linear = sch.make_betas({**base, "beta_schedule": "linear"})
+    np.testing.assert_allclose(linear, np.linspace(0.00085, 0.012, 1000), rtol=1e-6)
+    cos = sch.make_betas({**base, "beta_schedule": "squaredcos_cap_v2"})
+    f = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+    abar_cos = sch.alphas_cumprod_from_betas(cos)
+    np.testing.assert_allclose(abar_cos[:900], f(np.arange(1, 901) / 1000) / f(0), rtol=1e-5)
+    assert cos.max() <= np.float32(0.999)
+    zsnr = sch.make_betas({**base, "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True})
+    abar_z = sch.alphas_cumprod_from_betas(zsnr)
+    print("zero-snr abar[0], abar[-1]", abar_z[0], abar_z[-1])
+    assert abs(float(abar_z[-1])) < 1e-10 and abs(abar_z[0] - abar[0]) < 1e-6
+    with pytest.raises(NotImplementedError):
+        sch.make_betas({**base, "beta_schedule": "sigmoid"})
+
+
+def _run_steps(s, g, feed_golden_latents: bool):
+    """Step through the golden's guided noise predictions; returns the per-step max abs error."""
+    carry = s.init_carry(jnp.asarray(g["z_N"]))
+    step = jax.jit(s.step)
+    errs = []
+    for i in range(4):
+        if feed_golden_latents:
+            carry = carry._replace(sample=jnp.asarray(g[f"step.{i}.latents_in"]))
+        out, carry = step(carry, i, jnp.asarray(g[f"step.{i}.noise_pred_guided"]))
+        errs.append(float(np.abs(np.asarray(out) - g[f"step.{i}.latents_out"]).max()))
+    return errs
+
+
+def test_steps_reproduce_golden_latents(kind_golden, pipe_dir):
+    kind, g = kind_golden
+    s = scheduler_from_config(pipe_dir / "scheduler", kind, 4)
+    fed = _run_steps(s, g, feed_golden_latents=True)
+    chained = _run_steps(s, g, feed_golden_latents=False)
+    scale = [float(np.abs(g[f"step.{i}.latents_out"]).max()) for i in range(4)]
+    print(f"{kind}: max|latent| {scale}\n  fed golden latents_in: {fed}\n  chained from z_N: {chained}")
+    tol = 1e-4 if kind == "ddim" else 4e-4
+    assert max(fed) <= tol and max(chained) <= tol
+    # No model involved: expect a few float32 ulps, far below the end-to-end tolerance.
+    assert max(e / m for e, m in zip(fed + chained, scale + scale)) < 2e-6
+
+
+def test_step_in_scan_with_traced_index(kind_golden, pipe_dir):
+    """The whole loop as one lax.scan with a traced step index equals the eager loop."""
+    kind, g = kind_golden
+    s = scheduler_from_config(pipe_dir / "scheduler", kind, 4)
+    eps = jnp.stack([jnp.asarray(g[f"step.{i}.noise_pred_guided"]) for i in range(4)])
+
+    @jax.jit
+    def loop(z):
+        def body(carry, xs):
+            i, e = xs
+            _, carry = s.step(carry, i, e)
+            return carry, carry.sample
+        return jax.lax.scan(body, s.init_carry(z), (jnp.arange(4), eps))[1]
+    outs = np.asarray(loop(jnp.asarray(g["z_N"])))
+    err = max(float(np.abs(outs[i] - g[f"step.{i}.latents_out"]).max()) for i in range(4))
+    print(kind, "scan max abs err", err)
+    assert err <= (1e-4 if kind == "ddim" else 4e-4)
+
+
+def test_scheduler_is_a_pytree_argument(pipe_dir):
+    """A scheduler is a jit argument (tables are leaves, config static): rebuilding it from the same config, as a
+    sampler may do per image, reuses the compiled program; the tables are traced, not baked in."""
+    traces = []
+
+    @jax.jit
+    def one_step(sched, carry, eps):
+        traces.append(1)
+        return sched.step(carry, 1, eps)[0]
+    z = jnp.ones((1, 4, 2, 2))
+    a = scheduler_from_config(pipe_dir / "scheduler", "unipc", 6)
+    b = scheduler_from_config(pipe_dir / "scheduler", "unipc", 6)
+    ra, rb = one_step(a, a.init_carry(z), z), one_step(b, b.init_carry(z), z)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(ra, rb)
+    c = b.replace(p_ratio=b.p_ratio * 2)  # same structure, other values: no retrace, other result
+    rc = one_step(c, c.init_carry(z), z)
+    assert len(traces) == 1 and not np.allclose(ra, rc)
+
+
+def test_unipc_order1_without_corrector_equals_ddim(pipe_dir):
+    """First-order UniPC (x0 form, predictor only) is DDIM: with trailing spacing and a final sigma of
+    abar[0], both visit the same noise levels, so their trajectories must agree."""
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.standard_normal((1, 4, 8, 8)), jnp.float32)
+    eps = [jnp.asarray(rng.standard_normal((1, 4, 8, 8)), jnp.float32) for _ in range(5)]
+    d = scheduler_from_config(pipe_dir / "scheduler", "ddim", 5, timestep_spacing="trailing")
+    u = scheduler_from_config(pipe_dir / "scheduler", "unipc", 5, timestep_spacing="trailing", solver_order=1,
+                              disable_corrector=list(range(5)), final_sigmas_type="sigma_min")
+    np.testing.assert_array_equal(d.timesteps, u.timesteps)
+    cd, cu = d.init_carry(z), u.init_carry(z)
+    for i in range(5):
+        xd, cd = d.step(cd, i, eps[i])
+        xu, cu = u.step(cu, i, eps[i])
+        err = float(np.abs(np.asarray(xd) - np.asarray(xu)).max())
+        print("step", i, "ddim vs unipc-1 max abs diff", err)
+        assert err < 2e-5 * max(1.0, float(np.abs(np.asarray(xd)).max()))
+
+
+def test_ddim_eta_needs_noise_and_uses_it(pipe_dir):
+    s = scheduler_from_config(pipe_dir / "scheduler", "ddim", 4, eta=1.0)
+    z = jnp.ones((1, 4, 2, 2))
+    with pytest.raises(ValueError, match="variance_noise"):
+        s.step(s.init_carry(z), 0, z)
+    a, _ = s.step(s.init_carry(z), 0, z, variance_noise=jnp.zeros_like(z))
+    b, _ = s.step(s.init_carry(z), 0, z, variance_noise=jnp.ones_like(z))
+    np.testing.assert_allclose(np.asarray(b - a), s.std_dev[0], rtol=1e-5)
+    assert s.std_dev[0] > 0
+
+
+def test_unsupported_options_raise(pipe_dir):
+    with pytest.raises(NotImplementedError):
+        scheduler_from_config(pipe_dir, "unipc", 4, use_karras_sigmas=True)
+    with pytest.raises(NotImplementedError):
+        scheduler_from_config(pipe_dir, "ddim", 4, thresholding=True)
+    with pytest.raises(ValueError, match="degenerate"):
+        scheduler_from_config(pipe_dir, "unipc", 4, lower_order_final=False)
