@@ -214,3 +214,33 @@ class CLIPTextConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.raw)
+
+
+def controlnet_config_from_unet(unet_config: Mapping[str, Any], *, use_rrdb: bool = False,
+                                conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+                                return_rgbs: bool = True) -> dict[str, Any]:
+    """A complete PASD ControlNet config for a UNet config, with the keys training writes (as `from_unet`)."""
+    shared = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
+              "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
+              "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
+              "encoder_hid_dim", "encoder_hid_dim_type", "attention_head_dim", "num_attention_heads",
+              "use_linear_projection", "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
+              "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+              "projection_class_embeddings_input_dim")
+    defaults = dict(in_channels=4, flip_sin_to_cos=True, freq_shift=0, only_cross_attention=False,
+                    layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu",
+                    norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
+                    encoder_hid_dim=None, encoder_hid_dim_type=None, attention_head_dim=8,
+                    num_attention_heads=None, use_linear_projection=False, class_embed_type=None,
+                    addition_embed_type=None, addition_time_embed_dim=None, num_class_embeds=None,
+                    upcast_attention=False, resnet_time_scale_shift="default",
+                    projection_class_embeddings_input_dim=None)
+    cfg: dict[str, Any] = {"_class_name": "ControlNetModel", "_diffusers_version": "0.29.2"}
+    for key in shared:
+        if key in unet_config or key in defaults:
+            cfg[key] = unet_config.get(key, defaults.get(key))
+    cfg.update(conditioning_channels=3, controlnet_conditioning_channel_order="rgb",
+               conditioning_embedding_out_channels=list(conditioning_embedding_out_channels),
+               global_pool_conditions=False, addition_embed_type_num_heads=64, return_rgbs=return_rgbs,
+               use_rrdb=use_rrdb)
+    return cfg
