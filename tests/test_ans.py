@@ -1,0 +1,124 @@
+"""Adjustable noise schedule (spec 4.5) against the golden latent initialisation of both tiny pipelines."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pasd_jax.schedulers import (add_noise, ans_coefficients, ans_latents, ans_latents_from_key, pure_noise_latents,
+                                 pure_noise_latents_from_key, scheduler_from_config)
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(golden_dir):
+    return golden_dir / "tiny_pipeline"
+
+
+def _load(pipe_dir, kind):
+    return load_file(str(pipe_dir / f"pipeline_{kind}.safetensors"))
+
+
+@pytest.mark.parametrize("kind,mode", [("ddim", "paper"), ("ddim", "official"), ("unipc", "official")])
+def test_z_n_matches_golden(pipe_dir, kind, mode):
+    g = _load(pipe_dir, kind)
+    s = scheduler_from_config(pipe_dir / "scheduler", kind, 4)
+    c = ans_coefficients(s, 900, mode)
+    assert c.first_timestep == int(g["add_noise.0.timesteps"][0]) == int(s.timesteps[0])
+    assert c.level == int(g["add_noise.1.timesteps"][0]) == 900
+    z_lr, n1, n2 = (jnp.asarray(g[k]) for k in ("add_noise.0.original", "random_draw.1", "random_draw.2"))
+    np.testing.assert_array_equal(g["add_noise.0.noise"], g["random_draw.1"])
+    np.testing.assert_array_equal(g["add_noise.1.noise"], g["random_draw.2"])
+    first = np.asarray(add_noise(z_lr, n1, *c.first))
+    second = np.asarray(add_noise(jnp.asarray(g["add_noise.1.original"]), n2, *c.second))
+    z = np.asarray(ans_latents(z_lr, n1, n2, c))
+    errs = {name: float(np.abs(a - g[key]).max()) for name, a, key in
+            [("add_noise.0.out", first, "add_noise.0.out"), ("add_noise.1.out", second, "add_noise.1.out"),
+             ("z_N", z, "z_N")]}
+    print(kind, mode, c.first, c.second, errs)
+    # Float32 rounding only: at most 2 ulps of |z| <= 3.2.
+    assert max(errs.values()) <= 5e-7
+
+
+def test_golden_coefficients_as_recorded(pipe_dir):
+    """The multipliers the golden README states for the 4-step runs."""
+    ddim = scheduler_from_config(pipe_dir / "scheduler", "ddim", 4)
+    unipc = scheduler_from_config(pipe_dir / "scheduler", "unipc", 4)
+    for mode in ("paper", "official"):
+        c = ans_coefficients(ddim, 900, mode)
+        np.testing.assert_allclose(c.first, (0.23605, 0.97174), atol=6e-6)
+        np.testing.assert_allclose(c.second, (0.11896, 0.99290), atol=6e-6)
+    c = ans_coefficients(unipc, 900, "official")
+    np.testing.assert_allclose(c.first, (0.06826, 0.99767), atol=6e-6)
+    np.testing.assert_allclose(c.second, (0.82085, 0.57115), atol=6e-6)   # sigma of t=250, not of 900
+    c = ans_coefficients(unipc, 900, "paper")
+    np.testing.assert_allclose(c.second, (0.11896, 0.99290), atol=6e-6)
+
+
+def test_unipc_paper_mode_differs_from_official_golden(pipe_dir):
+    g = _load(pipe_dir, "unipc")
+    s = scheduler_from_config(pipe_dir / "scheduler", "unipc", 4)
+    args = [jnp.asarray(g[k]) for k in ("add_noise.0.original", "random_draw.1", "random_draw.2")]
+    z_paper = np.asarray(ans_latents(*args, ans_coefficients(s, 900, "paper")))
+    diff = float(np.abs(z_paper - g["z_N"]).max())
+    print("unipc paper vs official golden z_N max abs diff", diff)
+    assert diff > 0.5
+
+
+def test_twenty_step_unipc_coefficients(pipe_dir):
+    """Spec 4.5: LR-signal coefficient 0.00812 (paper) vs 0.0666 (official, 900 falls back to t=50)."""
+    s = scheduler_from_config(pipe_dir / "scheduler", "unipc", 20)
+    paper, official = ans_coefficients(s, 900, "paper"), ans_coefficients(s, 900, "official")
+    print("lr signal: paper", paper.lr_signal, "official", official.lr_signal)
+    assert round(paper.lr_signal, 5) == 0.00812
+    assert round(official.lr_signal, 4) == 0.0666
+    abar = s.alphas_cumprod
+    np.testing.assert_allclose(paper.lr_signal, np.sqrt(float(abar[900]) * float(abar[999])), rtol=1e-6)
+    np.testing.assert_allclose(official.second[0] ** 2, abar[50], rtol=1e-5)          # sqrt(abar_50) = 0.9755
+    np.testing.assert_allclose(official.second[0], 0.9755, atol=5e-5)
+    # Both modes are variance preserving.
+    for c in (paper, official):
+        np.testing.assert_allclose(c.lr_signal ** 2 + c.noise_scale ** 2, 1.0, rtol=1e-6)
+    # A level that is in the inference schedule behaves as the paper in official mode too.
+    in_sched = ans_coefficients(s, 899, "official")
+    np.testing.assert_allclose(in_sched.second, ans_coefficients(s, 899, "paper").second, rtol=1e-6)
+
+
+def test_ddim_indexes_alpha_bar_900(pipe_dir):
+    s = scheduler_from_config(pipe_dir / "scheduler", "ddim", 20)
+    abar900 = float(s.alphas_cumprod[900])
+    for mode in ("paper", "official"):
+        c = ans_coefficients(s, 900, mode)
+        print(mode, "ddim 20 steps", c.first_timestep, c.second, "abar900", abar900)
+        np.testing.assert_allclose(c.second, (np.sqrt(abar900), np.sqrt(1 - abar900)), rtol=1e-6)
+        np.testing.assert_allclose(c.second[0], 0.11896, atol=6e-6)   # the paper's "0.1189" is sqrt(abar_900)
+        assert c.first_timestep == 951
+
+
+def test_bad_arguments(pipe_dir):
+    s = scheduler_from_config(pipe_dir / "scheduler", "ddim", 4)
+    with pytest.raises(ValueError, match="mode"):
+        ans_coefficients(s, 900, "diffusers024")
+    with pytest.raises(ValueError, match="outside"):
+        ans_coefficients(s, 1000, "paper")
+
+
+def test_keyed_draws_and_pure_noise(pipe_dir):
+    s = scheduler_from_config(pipe_dir / "scheduler", "unipc", 4)
+    c = ans_coefficients(s, 900, "paper")
+    z_lr = jnp.zeros((2, 4, 8, 8))
+    key = jax.random.key(3)
+    a, b = ans_latents_from_key(z_lr, key, c), ans_latents_from_key(z_lr, key, c)
+    np.testing.assert_array_equal(a, b)
+    k1, k2 = jax.random.split(key)
+    manual = ans_latents(z_lr, jax.random.normal(k1, z_lr.shape), jax.random.normal(k2, z_lr.shape), c)
+    np.testing.assert_array_equal(a, manual)
+
+    noise = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 8, 8)), jnp.float32)
+    offset = jnp.asarray([[[[1.0]], [[2.0]], [[3.0]], [[4.0]]]] * 2, jnp.float32)
+    np.testing.assert_array_equal(pure_noise_latents(noise), noise)
+    z = pure_noise_latents(noise, offset, offset_noise_scale=0.1)
+    np.testing.assert_allclose(np.asarray(z - noise)[:, :, 3, 5], [[0.1, 0.2, 0.3, 0.4]] * 2, rtol=1e-5)
+    zk = pure_noise_latents_from_key(key, (2, 4, 8, 8), offset_noise_scale=0.5)
+    assert zk.shape == (2, 4, 8, 8) and float(jnp.std(zk)) > 0.5
