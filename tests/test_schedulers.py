@@ -202,3 +202,96 @@ def test_unsupported_options_raise(pipe_dir):
         scheduler_from_config(pipe_dir, "ddim", 4, thresholding=True)
     with pytest.raises(ValueError, match="degenerate"):
         scheduler_from_config(pipe_dir, "unipc", 4, lower_order_final=False)
+    with pytest.raises(ValueError, match="degenerate"):
+        scheduler_from_config(pipe_dir, "unipc", 4, solver_type="bh1")
+
+
+class _StatefulUniPC:
+    """float64 re-statement of diffusers' stateful UniPC loop (lists of past outputs, a step counter, a runtime
+    order), used to check the precomputed-table form for configurations the golden does not cover."""
+
+    def __init__(self, sigmas, order, predict_x0, bh, lower_order_final, disable_corrector=()):
+        self.sig = np.asarray(sigmas, np.float64)
+        self.order_max, self.x0, self.bh, self.lof = order, predict_x0, bh, lower_order_final
+        self.disabled = set(disable_corrector)
+        self.outs, self.last, self.lower, self.i, self.this_order = [], None, 0, 0, None
+
+    def _as(self, j):
+        a = 1 / np.sqrt(self.sig[j] ** 2 + 1)
+        return a, self.sig[j] * a
+
+    def _lam(self, j):
+        a, s = self._as(j)
+        return np.log(a) - np.log(s) if s > 0 else np.inf
+
+    def _update(self, x, t, s0, older, order, m_new=None):
+        a_t, s_t = self._as(t)
+        a_s0, s_s0 = self._as(s0)
+        h = self._lam(t) - self._lam(s0)
+        m0 = self.outs[-1]
+        rks = [(self._lam(j) - self._lam(s0)) / h for j in older]
+        d1 = [(self.outs[-(k + 2)] - m0) / rk for k, rk in enumerate(rks)]
+        hh = -h if self.x0 else h
+        phi1 = np.expm1(hh)
+        b_h = hh if self.bh == "bh1" else np.expm1(hh)
+        rvec = np.array(rks + [1.0])
+        R = np.stack([rvec ** k for k in range(order)])
+        b, hk, fact = [], phi1 / hh - 1, 1
+        for k in range(1, order + 1):
+            b.append(hk * fact / b_h)
+            fact *= k + 1
+            hk = hk / hh - 1 / fact
+        b = np.array(b)
+        lead = (s_t / s_s0 * x - a_t * phi1 * m0) if self.x0 else (a_t / a_s0 * x - s_t * phi1 * m0)
+        scale = a_t * b_h if self.x0 else s_t * b_h
+        if m_new is None:  # predictor
+            if order == 1:
+                return lead
+            rho = np.array([0.5]) if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
+            return lead - scale * sum(r * d for r, d in zip(rho, d1))
+        rho = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+        return lead - scale * (sum(r * d for r, d in zip(rho[:-1], d1)) + rho[-1] * (m_new - m0))
+
+    def step(self, x, eps, n):
+        i = self.i
+        a, s = self._as(i)
+        m = (x - s * eps) / a if self.x0 else eps
+        if i > 0 and (i - 1) not in self.disabled:
+            x = self._update(self.last, i, i - 1, [i - 1 - k for k in range(1, self.this_order)],
+                             self.this_order, m_new=m)
+        self.outs = (self.outs + [m])[-self.order_max:]
+        order = min(self.order_max, n - i) if self.lof else self.order_max
+        self.this_order = min(order, self.lower + 1)
+        self.last = x
+        out = self._update(x, i + 1, i, [i - k for k in range(1, self.this_order)], self.this_order)
+        self.lower = min(self.lower + 1, self.order_max)
+        self.i += 1
+        return out
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(solver_order=3),
+    dict(solver_order=3, solver_type="bh1", disable_corrector=[2], final_sigmas_type="sigma_min"),
+    dict(solver_order=1),
+    dict(predict_x0=False, final_sigmas_type="sigma_min"),
+    dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min", timestep_spacing="trailing"),
+])
+def test_unipc_tables_match_stateful_reference(pipe_dir, overrides):
+    n = 7
+    s = scheduler_from_config(pipe_dir / "scheduler", "unipc", n, **overrides)
+    cfg = s.config
+    ref = _StatefulUniPC(s.sigmas, cfg["solver_order"], cfg["predict_x0"], cfg["solver_type"],
+                         cfg["lower_order_final"], cfg["disable_corrector"])
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((1, 4, 4, 4))
+    carry = s.init_carry(jnp.asarray(z, jnp.float32))
+    x_ref = z
+    worst = 0.0
+    for i in range(n):
+        eps = rng.standard_normal(z.shape)
+        out, carry = s.step(carry, i, jnp.asarray(eps, jnp.float32))
+        x_ref = ref.step(x_ref, eps, n)
+        worst = max(worst, float(np.abs(np.asarray(out) - x_ref).max() / max(1.0, np.abs(x_ref).max())))
+    print(overrides, "orders", s.orders.tolist(), "max rel err vs float64 stateful reference", worst)
+    assert worst < 2e-5

@@ -243,8 +243,9 @@ def make_unipc(config: Mapping[str, Any], num_inference_steps: int) -> UniPCSche
 
     for name, table in tables.items():
         if not np.all(np.isfinite(table)) or (name.endswith("_rk") and np.any(table == 0)):
-            raise ValueError(f"UniPC coefficient table {name} is degenerate for this config (a higher-order step "
-                             f"onto sigma 0: use lower_order_final=True or final_sigmas_type='sigma_min')")
+            raise ValueError(f"UniPC coefficient table {name} is degenerate for this config (diffusers would give "
+                             f"NaN): a step onto sigma 0 needs order 1 and bh2; use lower_order_final=True or "
+                             f"final_sigmas_type='sigma_min'")
     return UniPCScheduler(timesteps=timesteps, sigmas=sigmas, alphas_cumprod=alphas_cumprod,
                           conv_alpha=sch.sigma_to_alpha_sigma(sigmas[:n])[0],
                           conv_sigma=sch.sigma_to_alpha_sigma(sigmas[:n])[1],
