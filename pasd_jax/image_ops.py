@@ -61,13 +61,15 @@ def torchvision_resize_short_side(image: np.ndarray, size: int, max_size: int | 
 
 
 def processed_size(w: int, h: int, upscale: int = 1, process_size: int = 768,
-                   max_size: int | None = None) -> tuple[int, int]:
-    """(w, h) the official realisr preprocessing gives, without touching pixels (spec 4.2).
+                   control_type: str = "realisr") -> tuple[int, int]:
+    """(w, h) the official preprocessing gives, without touching pixels (spec 4.2).
 
-    upscale -> if the short side < process_size, short side := process_size -> floor to multiples of 8.
+    realisr: upscale -> if the short side < process_size, short side := process_size -> floor to multiples of 8.
+    grayscale: no upscale; the short-side resize always runs, with the long side capped at 2 * process_size.
     """
-    w, h = int(w) * int(upscale), int(h) * int(upscale)
-    if min(w, h) < process_size:
+    upscale, max_size, always = _control_type_rules(control_type, upscale, process_size)
+    w, h = int(w) * upscale, int(h) * upscale
+    if always or min(w, h) < process_size:
         w, h = short_side_resize_size(w, h, process_size, max_size)
     w8, h8 = w // 8 * 8, h // 8 * 8
     if w8 < 8 or h8 < 8:
@@ -75,12 +77,22 @@ def processed_size(w: int, h: int, upscale: int = 1, process_size: int = 768,
     return w8, h8
 
 
+def _control_type_rules(control_type: str, upscale: int, process_size: int) -> tuple[int, int | None, bool]:
+    """(upscale, max_size, always_resize) of `test_pasd.py` for a control type."""
+    if control_type == "realisr":
+        return int(upscale), None, False
+    if control_type == "grayscale":
+        return 1, 2 * int(process_size), True
+    raise ValueError(f"control_type must be 'realisr' or 'grayscale', got {control_type!r}")
+
+
 def preprocess_official(image: np.ndarray, upscale: int = 1, process_size: int = 768,
-                        max_size: int | None = None) -> np.ndarray:
-    """The `test_pasd.py` realisr preprocessing of a uint8 HWC RGB image, with PIL's exact filters."""
+                        control_type: str = "realisr") -> np.ndarray:
+    """The `test_pasd.py` preprocessing of a uint8 HWC RGB image, with PIL's exact filters (spec 4.2)."""
+    upscale, max_size, always = _control_type_rules(control_type, upscale, process_size)
     h, w = np.asarray(image).shape[:2]
     x = pil_resize(image, (w * upscale, h * upscale), Image.BICUBIC)  # PIL default filter: bicubic
-    if min(x.shape[0], x.shape[1]) < process_size:
+    if always or min(x.shape[0], x.shape[1]) < process_size:
         x = torchvision_resize_short_side(x, process_size, max_size)
     return pil_resize(x, (x.shape[1] // 8 * 8, x.shape[0] // 8 * 8), Image.BICUBIC)
 

@@ -51,6 +51,16 @@ def test_processed_size(w, h, upscale, process_size, expected):
     assert (out.shape[1], out.shape[0]) == size
 
 
+def test_grayscale_rules():
+    # No upscale, resize always (here a downscale of the short side to 64), long side capped at 128.
+    assert io.processed_size(100, 400, upscale=4, process_size=64, control_type="grayscale") == (32, 128)
+    assert io.processed_size(200, 100, upscale=4, process_size=64, control_type="grayscale") == (128, 64)
+    img = np.random.default_rng(0).integers(0, 256, (400, 100, 3), dtype=np.uint8)
+    assert io.preprocess_official(img, 4, 64, control_type="grayscale").shape == (128, 32, 3)
+    with pytest.raises(ValueError, match="control_type"):
+        io.processed_size(10, 10, control_type="sketch")
+
+
 def test_short_side_resize_with_max_size():
     assert io.short_side_resize_size(100, 400, 768, max_size=1536) == (384, 1536)
     assert io.short_side_resize_size(400, 100, 768) == (3072, 768)
