@@ -1,0 +1,68 @@
+"""`python -m pasd_jax.convert {export,import,cache}`: PASD checkpoints between pasd-jax and the official layout.
+
+  export --ckpt <train.py checkpoint dir> --out <folder> [--step N] [--overwrite]
+      unet/ + controlnet/ in the official PyTorch layout (fp32) and a README of what was trained.
+  import --pasd <official checkpoint folder> --out <folder> [--overwrite]
+      the same checkpoint as Flax-layout files that `sample.py --ckpt <folder>` loads without converting.
+  cache {info,clear}
+      where the converted-weights cache is and how big; delete its entries.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from pasd_jax.convert.cache import ENV, resolve_cache
+from pasd_jax.convert.io import WeightFileError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pasd_jax.convert", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="train.py checkpoint -> official PyTorch PASD folder")
+    e.add_argument("--ckpt", required=True, help="train.py checkpoint directory")
+    e.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    i = sub.add_parser("import", help="official PyTorch PASD folder -> pasd-jax Flax-layout folder")
+    i.add_argument("--pasd", required=True, help="official checkpoint folder with unet/ and controlnet/")
+    i.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c = sub.add_parser("cache", help=f"the converted-weights cache (location: ${ENV})")
+    c.add_argument("action", choices=("info", "clear"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pasd_jax.convert import release  # after argument parsing: --help needs no JAX
+
+    try:
+        if args.command == "export":
+            out = release.export_train_checkpoint(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)
+            print(f"exported {out}")
+        elif args.command == "import":
+            out = release.import_official(args.pasd, args.out, overwrite=args.overwrite)
+            print(f"imported {out}")
+        else:
+            cache = resolve_cache()
+            if cache is None:
+                print(f"the conversion cache is off (${ENV})")
+            elif args.action == "clear":
+                print(f"removed {cache.clear()} entries from {cache.root}")
+            else:
+                files = list(cache.root.glob("*.safetensors")) if cache.root.is_dir() else []
+                size = sum(f.stat().st_size for f in files)
+                print(f"{cache.root}: {len(files)} entries, {size / 2**20:.1f} MiB")
+    except (release.ReleaseError, WeightFileError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
