@@ -12,6 +12,7 @@ everything else must map exactly. Conversions go through the converted-weights c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -23,11 +24,12 @@ from flax.traverse_util import flatten_dict
 
 from pasd_jax.convert.cache import ConversionCache, cached, config_digest, resolve_cache
 from pasd_jax.convert.family import LDM_CLIP, LDM_VAE, check_sd1
-from pasd_jax.convert.folders import (DIFFUSERS_STEMS, TEXT_ENCODER, TRANSFORMERS_STEMS, UNET, VAE, build_module,
-                                      detect_kind, detect_unet_variant, params_from_state_dict, style_of)
+from pasd_jax.convert.folders import (DIFFUSERS_STEMS, TEXT_ENCODER, TRANSFORMERS_STEMS, UNET, VAE,
+                                      abstract_params, build_module, detect_kind, detect_unet_variant, style_of)
 from pasd_jax.convert.io import PathLike, WeightFileError, find_weight_file, load_weights, read_json
 from pasd_jax.convert.ldm import ASSETS_SD15, base_configs, ldm_to_diffusers
 from pasd_jax.convert.naming import torch_key
+from pasd_jax.convert.tree import torch_to_flax
 from pasd_jax.models.blocks import PASD, PLAIN
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,18 @@ def check_family(path: PathLike, what: str | None = None) -> dict[str, TensorInf
 
 # ------------------------------------------------------------------------------------------ model folders
 
+@functools.lru_cache(maxsize=16)
+def abstract_of(module) -> Any:
+    """`abstract_params`, memoised per module (modules are hashable): tracing a UNet takes seconds."""
+    return abstract_params(module)
+
+
+def convert_state(module, kind: str, state: Mapping[str, Any], *, what: str) -> Any:
+    """Strictly map a PyTorch-named dict onto the module's tree (fp32 numpy leaves; CLIP position_ids skipped)."""
+    return torch_to_flax(state, abstract_of(module), style=style_of(kind), what=what,
+                         ignore=lambda k: kind == TEXT_ENCODER and k.endswith("position_ids"))
+
+
 def _param_torch_keys(kind: str, params: Any) -> list[str]:
     return [torch_key(p, style_of(kind)) for p in flatten_dict(params)]
 
@@ -128,7 +142,7 @@ def _folder_convert(folder: pathlib.Path, config: Mapping[str, Any], kind: str, 
             check_sd1(state, what=str(weights))
         variant = detect_unet_variant(state) if kind == UNET else PASD
         module = build_module(kind, config, variant=variant, keys=state.keys(), where=str(folder))
-        params = params_from_state_dict(module, kind, state, what=f"{kind} weights {weights}")
+        params = convert_state(module, kind, state, what=f"{kind} weights {weights}")
         ignored = sorted(k for k in state if k.endswith("position_ids"))
         return params, {"kind": kind, "config": dict(config), "variant": variant, "ignored": ignored,
                         "source": str(folder)}
@@ -204,7 +218,7 @@ def convert_single_file(path: PathLike, configs: Mapping[str, Mapping[str, Any] 
         log.info("%s: ignored %d non-weight key(s): %s", path, len(conv.ignored), ", ".join(conv.ignored[:20]))
     for comp in wanted:
         module = build_module(comp, configs[comp], variant=PLAIN)
-        params = params_from_state_dict(module, comp, getattr(conv, comp), what=f"{comp} of {path}")
+        params = convert_state(module, comp, getattr(conv, comp), what=f"{comp} of {path}")
         meta = {"kind": comp, "config": dict(configs[comp]), "variant": PLAIN if comp == UNET else PASD,
                 "ignored": list(conv.ignored), "source": str(path)}
         if store:
@@ -233,6 +247,12 @@ def _check_tokenizer(tokenizer_dir: pathlib.Path, text_encoder: tuple[Any, Any] 
                     "would be out of range", tokenizer_dir, n, want, want - 1)
 
 
+def _refuse_pasd_unet(folder: pathlib.Path, variant: str) -> None:
+    if variant != PLAIN:
+        raise WeightFileError(f"{folder} is a PASD UNet ({variant}), not an SD1.x base UNet; load it as a PASD "
+                              "checkpoint (--ckpt), not as --base")
+
+
 def load_sd_base(path: PathLike, *, base: PathLike | None = None,
                  components: Sequence[str] = COMPONENTS, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, remat: bool = False,
@@ -257,10 +277,13 @@ def load_sd_base(path: PathLike, *, base: PathLike | None = None,
             if not (sub / "config.json").is_file():
                 raise WeightFileError(f"{path} is not a diffusers SD1.x folder: missing {comp}/config.json "
                                       "(expected unet/, vae/, text_encoder/ with config.json and weights)")
+            if comp == UNET:
+                weights = find_weight_file(sub, DIFFUSERS_STEMS)
+                if weights.suffix == ".safetensors":  # refuse before converting; a .bin is checked after loading
+                    _refuse_pasd_unet(sub, detect_unet_variant(weight_file_shapes(weights)))
             module, params, meta = load_model_folder_with_meta(sub, **kw)
-            if comp == UNET and module.variant != PLAIN:
-                raise WeightFileError(f"{sub} is a PASD UNet ({module.variant}), not an SD1.x base UNet; load it "
-                                      "as a PASD checkpoint (--ckpt), not as --base")
+            if comp == UNET:
+                _refuse_pasd_unet(sub, module.variant)
             loaded[comp] = (module, params)
             ignored += meta.get("ignored", [])
         folder = path
@@ -268,14 +291,17 @@ def load_sd_base(path: PathLike, *, base: PathLike | None = None,
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise WeightFileError(f"{path}: expected a diffusers SD1.x folder or a single-file checkpoint "
                                   f"({', '.join(SINGLE_FILE_SUFFIXES)})")
+        shapes = check_family(path)
+        present = {VAE: _has_component(shapes, LDM_VAE), TEXT_ENCODER: _has_component(shapes, LDM_CLIP)}
+        for comp in components:
+            if not present.get(comp, True) and (base is None or not (base / comp / "config.json").is_file()):
+                raise WeightFileError(f"{path} holds no {comp} weights (a pruned file?); pass --base with a "
+                                      f"diffusers SD1.x folder that has {comp}/ to take them from")
         cfg = base_configs(base)
         got = convert_single_file(path, {c: cfg[c] for c in COMPONENTS if c in components or c == UNET},
                                   cache=cache)
         for comp in components:
             if got.get(comp) is None:
-                if base is None or not (base / comp / "config.json").is_file():
-                    raise WeightFileError(f"{path} holds no {comp} weights (a pruned file?); pass --base with a "
-                                          f"diffusers SD1.x folder that has {comp}/ to take them from")
                 log.info("%s has no %s weights: taking them from %s", path, comp, base / comp)
                 loaded[comp] = load_model_folder(base / comp, **kw)
                 continue

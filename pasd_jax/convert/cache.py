@@ -192,7 +192,7 @@ class ConversionCache:
             save_flax_params(path, params, meta, extra={"cache_key": self.key(sources, tag),
                                                         "converter": CONVERTER_VERSION,
                                                         "sources": json.dumps([str(s) for s in sources])})
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be written must not stop a load
             log.warning("conversion cache: cannot write %s (%s); continuing without caching", path, e)
             return None
         family = path.name.split("-")[0]

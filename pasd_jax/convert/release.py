@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from pasd_jax.convert.base import load_model_folder_with_meta, module_from_meta, to_device, weight_file_shapes
+from pasd_jax.convert.base import (abstract_of, load_model_folder_with_meta, module_from_meta, to_device,
+                                   weight_file_shapes)
 from pasd_jax.convert.cache import ConversionCache, load_flax_params, save_flax_params
-from pasd_jax.convert.folders import CONTROLNET, UNET, abstract_params, kind_of, style_of, to_pytorch
+from pasd_jax.convert.folders import CONTROLNET, UNET, kind_of, style_of, to_pytorch
 from pasd_jax.convert.io import PathLike, WeightFileError, read_json, write_json
 from pasd_jax.convert.tree import expected_torch_shapes
 from pasd_jax.models.blocks import PLAIN
@@ -87,8 +88,8 @@ def staged_write(out: PathLike, write: Callable[[pathlib.Path], None], *, overwr
 
 def release_key_shapes(unet_module, controlnet_module) -> dict[str, dict[str, tuple[int, ...]]]:
     """PyTorch key -> shape of `unet/` and `controlnet/` of a release, from the modules alone (eval_shape)."""
-    return {UNET: expected_torch_shapes(abstract_params(unet_module), style_of(UNET)),
-            CONTROLNET: expected_torch_shapes(abstract_params(controlnet_module), style_of(CONTROLNET))}
+    return {UNET: expected_torch_shapes(abstract_of(unet_module), style_of(UNET)),
+            CONTROLNET: expected_torch_shapes(abstract_of(controlnet_module), style_of(CONTROLNET))}
 
 
 def _compare(got: Mapping[str, tuple], want: Mapping[str, tuple], what: str) -> None:
