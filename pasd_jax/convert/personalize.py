@@ -288,9 +288,10 @@ def apply_lora(source: PathLike, *, unet: Model | None = None, text_encoder: Mod
                multiplier: float = 1.0, rule: str = "alpha_scaled") -> Personalized:
     """`merge_lora_params` on a LoRA file (`.safetensors`; its kohya metadata helps refuse SD2/SDXL LoRAs)."""
     src = pathlib.Path(source)
-    meta = safetensors_metadata(src) if src.suffix == ".safetensors" else {}
+    meta = {}
     if src.suffix == ".safetensors":
         weight_file_shapes(src)  # a truncated file fails here with a clear message
+        meta = safetensors_metadata(src)
     return merge_lora_params(load_weights(src), unet=unet, text_encoder=text_encoder, multiplier=multiplier,
                              rule=rule, metadata=meta, what=str(src))
 
