@@ -175,3 +175,16 @@ def test_personalize_dispatches(golden_dir, ldm_dir, pasd_unet, swapped, text_en
     assert merged.report.source_kind == LORA and merged.report.rule == "alpha_scaled"
     swap = personalize(ldm_dir / "model.safetensors", unet=pasd_unet, cache=cache)
     assert swap.report.source_kind == SINGLE_FILE and len(swap.report.replaced["unet"]) == 496
+
+
+def test_pasd_light_keeps_its_added_keys(ldm_dir, golden_unet, cache):
+    module = build_module("unet", read_json(ldm_dir / "unet" / "config.json"), variant="pasd_light")
+    params = _random_tree(module, 3)
+    got = swap_base(ldm_dir / "model.safetensors", unet=(module, params), cache=cache)
+    out = flax_to_torch(got.unet)
+    light = sorted(k for k in out if is_paca_key(k))
+    before, after = flatten_dict(params), flatten_dict(got.unet)
+    print(f"pasd_light: {len(got.report.replaced['unet'])} SD tensors replaced, {len(light)} added tensors kept")
+    assert light and all(any(m in k for m in ("attn2_plus", "norm2_plus", "proj_in_plus")) for k in light)
+    assert all(out[k].tobytes() == golden_unet[k].tobytes() for k in golden_unet)
+    assert all(after[p] is before[p] for p in _paca_paths(params))
