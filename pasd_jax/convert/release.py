@@ -182,12 +182,23 @@ def export_train_checkpoint(ckpt_dir: PathLike, out: PathLike, *, step: int | No
     meta = dict(restored.get("metadata") or {})
     unet, controlnet = restored[UNET], restored[CONTROLNET]
     cfg = meta.get("config") or {}
+    trainable = _lookup(cfg, ("model", "trainable"), ("model", "trainable_modules"), ("trainable_modules",))
     info = ReleaseInfo(variant=meta.get("variant") or unet[0].variant, step=meta.get("step"),
-                       base=_lookup(cfg, ("model", "base"), ("base",)),
-                       trainable_modules=tuple(_lookup(cfg, ("model", "trainable_modules"), ("trainable_modules",))
-                                               or DEFAULT_TRAINABLE),
+                       base=_describe_base(meta.get("base") or _lookup(cfg, ("model", "base"))),
+                       trainable_modules=tuple(trainable or DEFAULT_TRAINABLE),
                        source=str(pathlib.Path(ckpt_dir).resolve()))
     return export_release(out, unet=unet, controlnet=controlnet, info=info, overwrite=overwrite)
+
+
+def _describe_base(base: Any) -> str | None:
+    """A base given as {component: folder} reads as the common parent folder when there is one."""
+    if isinstance(base, Mapping):
+        parents = {str(pathlib.Path(v).parent) for v in base.values()}
+        names = {pathlib.Path(v).name for v in base.values()}
+        if len(parents) == 1 and names <= {UNET, "vae", "text_encoder"}:
+            return parents.pop()
+        return ", ".join(f"{k}: {v}" for k, v in base.items())
+    return None if base in (None, "") else str(base)
 
 
 def _lookup(cfg: Any, *paths: tuple[str, ...]) -> Any:
