@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pathlib
 from typing import Any, Callable, Mapping
 
@@ -34,6 +35,7 @@ from pasd_jax.convert.lora import RULES, TEXT_PREFIX, UNET_PREFIX, merge_lora, m
 from pasd_jax.convert.naming import to_flax_layout, to_torch_layout, torch_key
 from pasd_jax.convert.tree import torch_to_flax
 
+log = logging.getLogger(__name__)
 Model = tuple[Any, Any]  # (Flax module, params)
 SINGLE_FILE, DIFFUSERS_FOLDER, UNET_FOLDER, UNET_FILE, LORA = (
     "single_file", "diffusers_folder", "unet_folder", "unet_file", "lora")
@@ -225,10 +227,12 @@ def swap_base(source: PathLike, *, unet: Model, vae: Model | None = None, text_e
         replaced[comp] = tuple(keys)
         kept += k
         ignored |= set(ign)
+    report = PersonalizeReport(str(src), kind, replaced, tuple(kept), tuple(sorted(ignored)), tuple(not_in_source),
+                               alpha=alpha)
+    log.info("personalized: %s", report.summary())
     return Personalized(unet=out[UNET], vae=out.get(VAE, None if vae is None else vae[1]),
                         text_encoder=out.get(TEXT_ENCODER, None if text_encoder is None else text_encoder[1]),
-                        report=PersonalizeReport(str(src), kind, replaced, tuple(kept), tuple(sorted(ignored)),
-                                                 tuple(not_in_source), alpha=alpha))
+                        report=report)
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -281,6 +285,7 @@ def merge_lora_params(lora: Mapping[str, np.ndarray], *, unet: Model | None = No
         out[comp] = unflatten_dict(result)
     report = PersonalizeReport(what, LORA, {c: tuple(sorted(k)) for c, k in replaced.items()},
                                ignored=tuple(merged.skipped), multiplier=multiplier, rule=rule)
+    log.info("LoRA merged: %s", report.summary())
     return Personalized(unet=out.get(UNET), vae=None, text_encoder=out.get(TEXT_ENCODER), report=report)
 
 
