@@ -1,0 +1,90 @@
+"""Everything `sample.py` needs from disk: the PASD checkpoint, the SD1.5 base, and optional personalization.
+
+`--ckpt` is an official PyTorch PASD folder (converted once, then served from the conversion cache), a folder
+written by `python -m pasd_jax.convert import`, or a `train.py` work dir / checkpoint. `--base` supplies the VAE,
+text encoder, tokenizer and scheduler config (a diffusers SD1.5 folder or a single file); a `train.py` checkpoint
+remembers its base, so there it is optional.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any
+
+from pasd_jax.convert.base import load_sd_base
+from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
+from pasd_jax.convert.io import PathLike, WeightFileError
+from pasd_jax.convert.personalize import apply_lora, swap_base
+from pasd_jax.convert.release import is_flax_checkpoint, is_official_checkpoint, load_checkpoint
+from pasd_jax.sampling.pipeline import Models
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    models: Models
+    scheduler_config: pathlib.Path
+    tokenizer_dir: pathlib.Path
+    variant: str
+    notes: tuple[str, ...] = ()
+
+
+def _train_checkpoint(path: pathlib.Path) -> dict | None:
+    """A `train.py` work dir or step dir, restored through the training checkpoint module (or None)."""
+    try:
+        from pasd_jax.train import checkpoint as train_ckpt
+    except ImportError:
+        return None
+    probe = getattr(train_ckpt, "is_train_checkpoint", None)
+    if probe is None or not probe(path):
+        return None
+    return train_ckpt.restore_for_export(path)
+
+
+def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personalized: PathLike | None = None,
+                      blending_alpha: float = 1.0, lora: PathLike | None = None, lora_multiplier: float = 0.6,
+                      lora_rule: str = "alpha_scaled", cache: Any = None) -> Loaded:
+    """PASD UNet + ControlNet from `ckpt`, VAE / text encoder / tokenizer / scheduler from `base`."""
+    ckpt = pathlib.Path(ckpt)
+    if not ckpt.exists():
+        raise WeightFileError(f"--ckpt {ckpt} does not exist: give an official PASD checkpoint folder (with unet/ "
+                              "and controlnet/), a folder from `python -m pasd_jax.convert import`, or a train.py "
+                              "work dir")
+    notes: list[str] = []
+    if is_official_checkpoint(ckpt) or is_flax_checkpoint(ckpt):
+        pasd = load_checkpoint(ckpt, cache=cache)
+        unet, controlnet = pasd[UNET], pasd[CONTROLNET]
+    else:
+        restored = _train_checkpoint(ckpt)
+        if restored is None:
+            raise WeightFileError(f"--ckpt {ckpt} is not a PASD checkpoint: expected unet/ and controlnet/ folders "
+                                  "with config.json (official layout), a pasd-jax imported folder, or a train.py "
+                                  "work dir with checkpoints")
+        unet, controlnet = restored["unet"], restored["controlnet"]
+        if base is None:
+            base = restored.get("metadata", {}).get("base")
+            if base:
+                notes.append(f"SD base from the training checkpoint: {base}")
+    if base is None:
+        raise WeightFileError("--base is required: the Stable Diffusion 1.5 model that provides the VAE, text "
+                              "encoder, tokenizer and scheduler (a diffusers folder or a single .safetensors file)")
+    sd = load_sd_base(base, components=(VAE, TEXT_ENCODER), cache=cache)
+    vae, text_encoder = sd.vae, sd.text_encoder
+    if personalized is not None:
+        result = swap_base(personalized, unet=unet, vae=vae, text_encoder=text_encoder, alpha=blending_alpha,
+                           cache=cache)
+        unet = (unet[0], result.unet)
+        vae = (vae[0], result.vae)
+        text_encoder = (text_encoder[0], result.text_encoder)
+        notes.append(result.report.summary())
+    if lora is not None:
+        merged = apply_lora(lora, unet=unet, text_encoder=text_encoder, multiplier=lora_multiplier, rule=lora_rule)
+        unet = (unet[0], merged.unet)
+        text_encoder = (text_encoder[0], merged.text_encoder)
+        notes.append(merged.report.summary())
+    models = Models(unet[0], unet[1], controlnet[0], controlnet[1], vae[0], vae[1], text_encoder[0],
+                    text_encoder[1])
+    return Loaded(models, pathlib.Path(sd.scheduler_config), pathlib.Path(sd.tokenizer_dir), unet[0].variant,
+                  tuple(notes))
