@@ -214,3 +214,49 @@ def test_truncated_files(golden_dir, tiny, loaded, tmp_path):
         import_official(ckpt, tmp_path / "out")
     print(e.value)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ train.py checkpoints
+
+@pytest.fixture(scope="module")
+def train_run(tiny, loaded, golden_dir, tmp_path_factory):
+    """A run directory in train.py's checkpoint format whose trained part (ControlNet + PACA) is the golden tiny
+    PASD checkpoint and whose frozen base points at the golden UNet folder (the SD part is read back from it)."""
+    import jax.numpy as jnp
+
+    from pasd_jax.train import partition
+    from pasd_jax.train.checkpoint import Checkpoints, relative_base
+
+    work = tmp_path_factory.mktemp("run")
+    names = partition.DEFAULT_TRAINABLE
+    paca, _ = partition.split_unet(loaded["unet"][1], names)
+    ldm = golden_dir / "ldm_single_file"
+    configs = {"unet": read_json(tiny / "unet" / "config.json"), "controlnet": read_json(tiny / "controlnet" /
+                                                                                          "config.json"),
+               "vae": read_json(ldm / "vae" / "config.json"), "text_encoder": read_json(ldm / "text_encoder" /
+                                                                                         "config.json")}
+    base = {"unet": str(tiny / "unet"), "vae": str(ldm / "vae"), "text_encoder": str(ldm / "text_encoder")}
+    meta = {"config": {"model": {"variant": "pasd"}}, "model_configs": configs, "variant": "pasd",
+            "base": relative_base(base, work), "trainable": list(names)}
+    state = {"step": jnp.asarray(12, jnp.int32), "params": {"controlnet": loaded["controlnet"][1], "unet": paca},
+             "rng": jnp.zeros(2, jnp.uint32)}
+    ck = Checkpoints(work / "checkpoints")
+    try:
+        ck.save(state, {}, meta, wait=True)
+    finally:
+        ck.close()
+    return work
+
+
+def test_export_of_a_train_checkpoint(train_run, tiny, loaded, tmp_path, capsys):
+    out = tmp_path / "release"
+    assert convert_main(["export", "--ckpt", str(train_run), "--out", str(out)]) == 0
+    _assert_release_equals(out, tiny, bitwise=True)  # golden -> train checkpoint -> release, bit for bit
+    readme = (out / "README.md").read_text()
+    print(readme)
+    assert "training step: 12" in readme and "`pasd`" in readme and str(tiny / "unet") in readme
+    assert "`pixel_attentions`, `norm2_plus`, `attn2_plus`, `proj_in_plus`" in readme
+    back = load_checkpoint(out, cache=False)
+    assert all(_same_tree(back[s][1], loaded[s][1]) for s in SUBS)
+    assert convert_main(["export", "--ckpt", str(train_run), "--out", str(out)]) == 2  # refused before reading
+    assert "already exists" in capsys.readouterr().err

@@ -182,7 +182,7 @@ def export_train_checkpoint(ckpt_dir: PathLike, out: PathLike, *, step: int | No
     meta = dict(restored.get("metadata") or {})
     unet, controlnet = restored[UNET], restored[CONTROLNET]
     cfg = meta.get("config") or {}
-    trainable = _lookup(cfg, ("model", "trainable"), ("model", "trainable_modules"), ("trainable_modules",))
+    trainable = meta.get("trainable") or _lookup(cfg, ("model", "trainable"), ("model", "trainable_modules"))
     info = ReleaseInfo(variant=meta.get("variant") or unet[0].variant, step=meta.get("step"),
                        base=_describe_base(meta.get("base") or _lookup(cfg, ("model", "base"))),
                        trainable_modules=tuple(trainable or DEFAULT_TRAINABLE),
