@@ -66,6 +66,18 @@ def test_single_file_equals_the_folder(ldm_dir, cache, golden_state):
     assert base.source == ldm_dir / "model.safetensors"
 
 
+def test_component_folder_mapping(ldm_dir, cache, golden_state):
+    """The form a train.py checkpoint records its frozen base in: {component: folder}."""
+    folders = {c: str(ldm_dir / c) for c in ("vae", "text_encoder")}
+    base = load_sd_base(folders, components=tuple(folders), cache=cache)
+    for comp in folders:
+        _assert_component_bitwise(getattr(base, comp), golden_state[comp], comp, "mapping")
+    assert base.unet is None and base.source == ldm_dir
+    assert base.scheduler_config == ldm_dir / "scheduler" / "scheduler_config.json"
+    with pytest.raises(WeightFileError, match=r"lack \['unet'\]"):
+        load_sd_base(folders, cache=cache)
+
+
 def test_components_and_dtypes(ldm_dir, cache, golden_state):
     import jax.numpy as jnp
 

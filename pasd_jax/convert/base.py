@@ -253,44 +253,60 @@ def _refuse_pasd_unet(folder: pathlib.Path, variant: str) -> None:
                               "checkpoint (--ckpt), not as --base")
 
 
-def load_sd_base(path: PathLike, *, base: PathLike | None = None,
+def _load_component_folders(folders: Mapping[str, pathlib.Path], where: str, kw: Mapping[str, Any]
+                            ) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    loaded: dict[str, tuple[Any, Any]] = {}
+    ignored: list[str] = []
+    for comp, sub in folders.items():
+        if not (sub / "config.json").is_file():
+            raise WeightFileError(f"{where} is not a diffusers SD1.x base: missing {sub}/config.json (expected "
+                                  "unet/, vae/, text_encoder/ with config.json and weights)")
+        if comp == UNET:
+            weights = find_weight_file(sub, DIFFUSERS_STEMS)
+            if weights.suffix == ".safetensors":  # refuse before converting; a .bin is checked after loading
+                _refuse_pasd_unet(sub, detect_unet_variant(weight_file_shapes(weights)))
+        module, params, meta = load_model_folder_with_meta(sub, **kw)
+        if comp == UNET:
+            _refuse_pasd_unet(sub, module.variant)
+        loaded[comp] = (module, params)
+        ignored += meta.get("ignored", [])
+    return loaded, ignored
+
+
+def load_sd_base(path: "PathLike | Mapping[str, PathLike]", *, base: PathLike | None = None,
                  components: Sequence[str] = COMPONENTS, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, remat: bool = False,
                  cache: "ConversionCache | PathLike | bool | None" = None) -> SDBase:
     """An SD1.x base from a diffusers folder or an LDM single file, as Flax (module, params) per component.
 
+    `path` may also map components to their folders (as a `train.py` checkpoint records its frozen base).
     `base` (a diffusers folder) supplies the configs of a single file and, if the file lacks them, the VAE or text
     encoder weights; without it the shipped SD1.5 configs are used. The tokenizer and scheduler config come from
     the folder (or `base`), else the SD1.5 ones shipped with the package.
     """
-    path = pathlib.Path(path)
     base = pathlib.Path(base) if base is not None else None
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown components {unknown}; expected a subset of {COMPONENTS}")
-    loaded: dict[str, tuple[Any, Any]] = {}
     ignored: list[str] = []
     kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, cache=cache)
-    if path.is_dir():
-        for comp in components:
-            sub = path / comp
-            if not (sub / "config.json").is_file():
-                raise WeightFileError(f"{path} is not a diffusers SD1.x folder: missing {comp}/config.json "
-                                      "(expected unet/, vae/, text_encoder/ with config.json and weights)")
-            if comp == UNET:
-                weights = find_weight_file(sub, DIFFUSERS_STEMS)
-                if weights.suffix == ".safetensors":  # refuse before converting; a .bin is checked after loading
-                    _refuse_pasd_unet(sub, detect_unet_variant(weight_file_shapes(weights)))
-            module, params, meta = load_model_folder_with_meta(sub, **kw)
-            if comp == UNET:
-                _refuse_pasd_unet(sub, module.variant)
-            loaded[comp] = (module, params)
-            ignored += meta.get("ignored", [])
+    if isinstance(path, Mapping):
+        absent = [c for c in components if c not in path]
+        if absent:
+            raise WeightFileError(f"SD base folders {dict(path)} lack {absent}")
+        folders = {c: pathlib.Path(path[c]) for c in components}
+        loaded, ignored = _load_component_folders(folders, str(dict(path)), kw)
+        parents = {pathlib.Path(p).parent for p in path.values()}
+        folder = parents.pop() if len(parents) == 1 else None
+        path = folder or next(iter(folders.values()))
+    elif (path := pathlib.Path(path)).is_dir():
+        loaded, ignored = _load_component_folders({c: path / c for c in components}, str(path), kw)
         folder = path
     elif path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise WeightFileError(f"{path}: expected a diffusers SD1.x folder or a single-file checkpoint "
                                   f"({', '.join(SINGLE_FILE_SUFFIXES)})")
+        loaded = {}
         shapes = check_family(path)
         present = {VAE: _has_component(shapes, LDM_VAE), TEXT_ENCODER: _has_component(shapes, LDM_CLIP)}
         for comp in components:
