@@ -134,7 +134,7 @@ def test_pruned_file_takes_vae_from_base_or_says_so(ldm_dir, ldm_state, cache, g
 
 def test_folder_missing_a_component(ldm_dir, tmp_path):
     shutil.copytree(ldm_dir / "unet", tmp_path / "unet")
-    with pytest.raises(WeightFileError, match=r"missing vae/config.json") as e:
+    with pytest.raises(WeightFileError, match=r"missing \S*/vae/config.json") as e:
         load_sd_base(tmp_path, cache=False)
     print(e.value)
 
