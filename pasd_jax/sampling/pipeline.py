@@ -422,12 +422,16 @@ class PASDPipeline:
         params = {"unet": placed.params["unet"], "controlnet": placed.params["controlnet"]}
         scal = [jnp.asarray(v, jnp.float32) for v in (options.guidance_scale, options.conditioning_scale)]
 
+        batch, rep = sharding.batch_sharded(self.mesh), sharding.replicated(self.mesh)
+        scal = [jax.device_put(v, rep) for v in scal]
+
         def f(z, t, context, cond):
             model = self._tile_model(options, tile, tuple(np.shape(context)[1:]))
             if np.shape(context)[1] != k:
                 raise ValueError(f"context must hold {k} prompt(s) per tile for these options")
-            return model(params, jnp.asarray(z, jnp.float32), jnp.asarray(t, jnp.int32), jnp.asarray(context),
-                         jnp.asarray(cond, DTYPES[options.dtype]), *scal)
+            put = lambda x, dt: jax.device_put(jnp.asarray(x, dt), batch)  # noqa: E731
+            return model(params, put(z, jnp.float32), jax.device_put(jnp.asarray(t, jnp.int32), rep),
+                         put(context, DTYPES[options.dtype]), put(cond, DTYPES[options.dtype]), *scal)
         return f
 
     def _run_tiled(self, options, sched, vt, images, context, drawn, scalars, debug) -> dict:
@@ -477,14 +481,14 @@ class PASDPipeline:
         vae_params = {"vae": placed.params["vae"]}
         z0, carry, z_chunks, cond_chunks, ctx_chunks = prepare(vae_params, images, context, drawn, scalars)
         model_params = {"unet": placed.params["unet"], "controlnet": placed.params["controlnet"]}
-        timesteps = np.asarray(sched.timesteps, np.int32)
+        rep = sharding.replicated(mesh)
+        timesteps = [jax.device_put(np.int32(t), rep) for t in np.asarray(sched.timesteps)]
         inter = []
-        for i in range(sched.num_inference_steps):
-            t = jnp.asarray(timesteps[i])
+        for i, t in enumerate(timesteps):
             eps = tuple(model(model_params, z, t, ctx, cond, scalars.guidance, scalars.cond_scale)
                         for z, ctx, cond in zip(z_chunks, ctx_chunks, cond_chunks))
             var = drawn["variance"][:, i] if variance_steps else None
-            carry, z_chunks = step(carry, jnp.asarray(i, jnp.int32), eps, var)
+            carry, z_chunks = step(carry, jax.device_put(np.int32(i), rep), eps, var)
             if debug:
                 inter.append(carry.sample)
         u8, decoded = finish(vae_params, carry.sample)
