@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import uuid
 from typing import Any, Mapping
 
 import numpy as np
@@ -79,10 +80,16 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np
 
 
 def safetensors_metadata(path: PathLike) -> dict[str, str]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        return dict(f.metadata() or {})
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"missing weight file {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise WeightFileError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
 
 
 def load_torch_file(path: PathLike) -> dict[str, np.ndarray]:
@@ -143,17 +150,23 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: PathLike,
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata=dict(metadata) if metadata else None)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                  metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(obj: Mapping[str, Any], path: PathLike) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
