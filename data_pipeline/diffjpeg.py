@@ -13,7 +13,9 @@ quantisation step folded into the matrices.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import cv2
 import numpy as np
@@ -30,6 +32,29 @@ CHROMA_TABLE = _STD_CHROMA.T.copy()
 
 _RGB2YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 _YCC2RGB = np.array([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
+
+
+_BLAS_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def single_thread_blas():
+    """Runs the block GEMMs on one BLAS thread, whatever the caller's setting.
+
+    OpenBLAS gives slightly different float results with different thread counts, and rounding the DCT
+    coefficients turns that into different pixels (about one image in six differed between a 1-thread
+    worker and a 2-thread main process): pinning one thread makes `degrade` a pure function of its seed.
+    The lock keeps concurrent callers from restoring the thread count under each other.
+    """
+    with _BLAS_LOCK, _blas_controller().limit(limits=1, user_api="blas"):
+        yield
 
 
 def quality_to_factor(quality: float) -> float:
@@ -85,10 +110,11 @@ def diff_jpeg(img: np.ndarray, quality: float) -> np.ndarray:
     ycc_m[0, 3] = -128.0
     ycc = cv2.transform(x, ycc_m)
     H, W = ycc.shape[:2]
-    y = _quantise_blocks(np.ascontiguousarray(ycc[:, :, 0]), LUMA_TABLE, factor, 1.0 / 255.0)
     chroma = cv2.resize(ycc[:, :, 1:], (W // 2, H // 2), interpolation=cv2.INTER_AREA)  # exact 2x2 means
-    cb = _quantise_blocks(np.ascontiguousarray(chroma[:, :, 0]), CHROMA_TABLE, factor)
-    cr = _quantise_blocks(np.ascontiguousarray(chroma[:, :, 1]), CHROMA_TABLE, factor)
+    with single_thread_blas():
+        y = _quantise_blocks(np.ascontiguousarray(ycc[:, :, 0]), LUMA_TABLE, factor, 1.0 / 255.0)
+        cb = _quantise_blocks(np.ascontiguousarray(chroma[:, :, 0]), CHROMA_TABLE, factor)
+        cr = _quantise_blocks(np.ascontiguousarray(chroma[:, :, 1]), CHROMA_TABLE, factor)
     up = cv2.resize(cv2.merge([cb, cr]), (W, H), interpolation=cv2.INTER_NEAREST)  # exact 2x replication
     # back to RGB in [0, 1]: luma (already /255) + 128/255 + chroma terms
     rgb_m = np.zeros((3, 3), np.float32)

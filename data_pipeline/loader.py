@@ -182,11 +182,20 @@ def _derive_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def reference_stream(mixture: Mixture, seed: int):
+    """Infinite grain.MapDataset of (component, record index): each source shuffled per epoch, then mixed."""
+    import grain
+
+    parts = []
+    for k, s in enumerate(mixture.sources):
+        ds = grain.MapDataset.source(_Refs(k, len(s))).seed(_derive_seed(seed, 0, k))
+        parts.append(ds.shuffle(seed=_derive_seed(seed, 1, k)).repeat())
+    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(mixture.weights))
+
+
 def build_dataset(cfg: Mapping[str, Any] | None, *, seed: int, process_index: int, process_count: int,
                   batch_size: int, tokenizer_path: str | None, source=None):
     """The batched grain.MapDataset (before to_iter_dataset / mp_prefetch); exposed for tests and tools."""
-    import grain
-
     c = as_plain_dict(cfg)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -194,11 +203,7 @@ def build_dataset(cfg: Mapping[str, Any] | None, *, seed: int, process_index: in
         Mixture((source,), (1.0,)) if source is not None else sources_from_config(c["sources"]))
     for s in mixture.sources:
         probe(s, c["probe_records"], c["min_side"])
-    parts = []
-    for k, s in enumerate(mixture.sources):
-        ds = grain.MapDataset.source(_Refs(k, len(s))).seed(_derive_seed(seed, 0, k))
-        parts.append(ds.shuffle(seed=_derive_seed(seed, 1, k)).repeat())
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(mixture.weights))
+    ds = reference_stream(mixture, seed)
     pair = MakePair(mixture.sources, DegradationConfig.from_dict(c["degradation"]), tokenizer_path,
                     c["crop_size"], c["random_flip"], c["min_side"], c["max_retries"])
     ds = ds.random_map(pair, seed=_derive_seed(seed, 2))

@@ -1,7 +1,7 @@
 """Per-pair statistics of (GT, LQ) used to compare degradation implementations by distribution.
 
 The five numbers summarise what the degradation does to a crop: fidelity (PSNR), blur/aliasing
-(Laplacian-variance ratio), noise (Immerkaer's estimator on the LQ at its 128 px native grid), colour
+(Laplacian-variance ratio), noise (median Immerkaer response of the LQ at its 128 px native grid), colour
 (chroma error at the native grid) and JPEG blocking (gradient ratio across 8 px block boundaries at the
 native grid). They only need numpy and OpenCV, so the same code scores the official torch pipeline (in a
 separate environment, `tools/degradation_stats`) and ours (in the tests).
@@ -47,8 +47,9 @@ def pair_stats(gt: np.ndarray, lq: np.ndarray, scale: int = 4) -> dict[str, floa
     sharp = float(cv2.Laplacian(ly, cv2.CV_32F).var() / max(cv2.Laplacian(gy, cv2.CV_32F).var(), 1e-12))
     ln, gn = _native(l, scale), _native(g, scale)
     lny = cv2.cvtColor(ln, cv2.COLOR_RGB2GRAY)
-    resp = cv2.filter2D(lny, -1, _IMMERKAER, borderType=cv2.BORDER_REFLECT_101)[1:-1, 1:-1]
-    noise = float(np.sqrt(np.pi / 2.0) / 6.0 * np.mean(np.abs(resp)) * 255.0)
+    # median |Immerkaer response| over R, G, B: robust to edges, sees colour and grey noise alike
+    resp = cv2.filter2D(ln, -1, _IMMERKAER, borderType=cv2.BORDER_REFLECT_101)[1:-1, 1:-1]
+    noise = float(np.sqrt(np.pi / 2.0) / 6.0 * np.median(np.abs(resp)) * 255.0)
     chroma = (cv2.transform(ln, _RGB2YCC) - cv2.transform(gn, _RGB2YCC))[:, :, 1:]
     colour = float(np.mean(np.abs(chroma)) * 255.0)
     return {"psnr": psnr, "sharpness_ratio": sharp, "noise_residual": noise, "colour_shift": colour,

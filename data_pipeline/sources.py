@@ -16,6 +16,7 @@ files when pickled to Grain's worker processes; handles are reopened lazily in e
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import pathlib
@@ -123,8 +124,8 @@ class TarShardSource:
 
     def __init__(self, shards: Sequence[str | os.PathLike] | str, index_dir: str | None = None):
         if isinstance(shards, (str, os.PathLike)):
-            shards = sorted(str(p) for p in pathlib.Path().glob(str(shards))) if any(
-                c in str(shards) for c in "*?[") else [str(shards)]
+            pattern = str(shards)
+            shards = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         self.shards = [str(s) for s in shards]
         if not self.shards:
             raise FileNotFoundError("no tar shards given (or the pattern matched none)")

@@ -278,3 +278,70 @@ def test_poisson_table_tail_below_float64_resolution():
     lam = 256.0
     k_last = t.width - 2
     assert stats.poisson.sf(k_last, lam) < 1e-16
+
+
+# --------------------------------------------------------------------------------------------------- noise
+
+
+def test_gray_weights_are_torchvision_on_rgb():
+    from data_pipeline.noise import to_gray
+
+    px = np.eye(3, dtype=np.float32)[:, None, :]  # pure R, G, B pixels
+    np.testing.assert_allclose(to_gray(px)[:, 0], [0.2989, 0.587, 0.114], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "poisson"])
+def test_gray_noise_identical_across_channels_colour_noise_not(kind):
+    from data_pipeline import noise
+
+    rng = np.random.default_rng(0)
+    img = rng.random((64, 64, 3), dtype=np.float32) * 0.6 + 0.2  # no clipping
+    for gray in (True, False):
+        n = (noise.gaussian_noise(rng, img.shape, 10.0, gray) if kind == "gaussian"
+             else noise.poisson_noise(rng, img, 1.0, gray))
+        d = noise.add_noise(img, n) - img
+        same = np.allclose(d[..., 0], d[..., 1], atol=1e-6) and np.allclose(d[..., 0], d[..., 2], atol=1e-6)
+        assert same == gray
+
+
+def test_gaussian_noise_sigma_on_255_scale():
+    from data_pipeline.noise import gaussian_noise
+
+    n = gaussian_noise(np.random.default_rng(0), (256, 256, 3), 12.0, False)
+    assert n.dtype == np.float32
+    assert n.std() == pytest.approx(12.0 / 255, rel=4 / math.sqrt(2 * n.size))
+
+
+def test_poisson_vals_is_next_power_of_two_of_level_count():
+    from data_pipeline.noise import poisson_vals
+
+    assert poisson_vals(np.array([7, 7, 7], np.uint8)) == 1
+    assert poisson_vals(np.array([1, 2, 3], np.uint8)) == 4
+    assert poisson_vals(np.array([0, 9, 200, 201, 202], np.uint8)) == 8
+    assert poisson_vals(np.arange(256, dtype=np.uint8)) == 256
+
+
+@pytest.mark.parametrize("vals,level", [(256, 255), (256, 100), (256, 3), (4, 200), (1, 128)])
+def test_poisson_sampler_matches_the_poisson_law(vals, level):
+    from data_pipeline.noise import poisson_table
+
+    lam = vals * level / 255
+    counts = poisson_table(vals).sample(np.random.default_rng(level), np.full(200_000, level, np.uint8))
+    k = counts.astype(np.int64)
+    # chi-square over the bins holding 99.9% of the mass (tails pooled)
+    lo, hi = int(stats.poisson.ppf(5e-4, lam)), int(stats.poisson.ppf(1 - 5e-4, lam))
+    obs = np.bincount(np.clip(k, lo, hi) - lo, minlength=hi - lo + 1)
+    p = stats.poisson.pmf(np.arange(lo, hi + 1), lam)
+    p[0], p[-1] = stats.poisson.cdf(lo, lam), stats.poisson.sf(hi - 1, lam)
+    exp = p / p.sum() * k.size
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_poisson_noise_variance_closed_form():
+    from data_pipeline.noise import poisson_noise
+
+    img = np.full((200, 200, 3), 77 / 255, np.float32)  # one level -> vals = 1
+    n = poisson_noise(np.random.default_rng(0), img, 0.5, gray=False)
+    # noise = scale (Poisson(v x) / v - x): mean 0, variance scale^2 x / v
+    assert n.mean() == pytest.approx(0.0, abs=4 * math.sqrt(0.25 * 77 / 255 / n.size))
+    assert n.var() == pytest.approx(0.25 * 77 / 255, rel=0.02)
