@@ -61,30 +61,30 @@ class DegradationConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | "DegradationConfig") -> "DegradationConfig":
-        """Builds a config from a (possibly partial) nested mapping; missing keys keep PASD defaults."""
+    def from_dict(cls, d: Mapping[str, Any] | "DegradationConfig",
+                  base: "DegradationConfig | None" = None) -> "DegradationConfig":
+        """A config from a (possibly partial) nested mapping, overlaid on `base` (the PASD preset)."""
         if isinstance(d, DegradationConfig):
             return d
-        return _build(cls, d)
+        return _overlay(PASD if base is None else base, d)
 
 
-def _build(klass, d: Mapping[str, Any]):
+def _overlay(base, d: Mapping[str, Any]):
     d = dict(d.items())
+    names = {f.name for f in dataclasses.fields(base)}
+    unknown = set(d) - names
+    if unknown:
+        raise KeyError(f"unknown {type(base).__name__} keys: {sorted(unknown)}")
     kwargs = {}
-    for f in dataclasses.fields(klass):
-        if f.name not in d:
-            continue
-        v = d.pop(f.name)
-        default = getattr(klass(), f.name)
-        if dataclasses.is_dataclass(default):
-            kwargs[f.name] = v if isinstance(v, type(default)) else _build(type(default), v)
-        elif isinstance(default, tuple):
-            kwargs[f.name] = tuple(v)
+    for name, v in d.items():
+        cur = getattr(base, name)
+        if dataclasses.is_dataclass(cur):
+            kwargs[name] = v if isinstance(v, type(cur)) else _overlay(cur, v)
+        elif isinstance(cur, tuple):
+            kwargs[name] = tuple(v)
         else:
-            kwargs[f.name] = type(default)(v)
-    if d:
-        raise KeyError(f"unknown {klass.__name__} keys: {sorted(d)}")
-    return klass(**kwargs)
+            kwargs[name] = type(cur)(v)
+    return dataclasses.replace(base, **kwargs)
 
 
 PASD = DegradationConfig(
