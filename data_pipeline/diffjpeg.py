@@ -81,17 +81,14 @@ def _block_dct64() -> np.ndarray:
     return np.kron(d, d).T
 
 
-def _quantise_blocks(plane: np.ndarray, table: np.ndarray, factor: float, out_scale: float = 1.0) -> np.ndarray:
-    """DCT, quantise, dequantise and inverse-DCT every 8x8 block of a (H, W) plane (H, W multiples of 8).
-
-    The result is multiplied by `out_scale` (folded into the inverse matrix).
-    """
+def _quantise_blocks(plane: np.ndarray, table: np.ndarray, factor: float) -> np.ndarray:
+    """DCT, quantise, dequantise and inverse-DCT every 8x8 block of a (H, W) plane (H, W multiples of 8)."""
     h, w = plane.shape
     blocks = plane.reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 64)
     t = _block_dct64()
     q = (table * factor).ravel()
     fwd = (t / q[None, :]).astype(np.float32)  # coefficients / step
-    inv = (q[:, None] * t.T * out_scale).astype(np.float32)  # step * coefficients -> pixels
+    inv = (q[:, None] * t.T).astype(np.float32)  # step * coefficients -> pixels
     coef = blocks @ fwd
     np.rint(coef, out=coef)
     out = coef @ inv
@@ -104,23 +101,24 @@ def diff_jpeg(img: np.ndarray, quality: float) -> np.ndarray:
     factor = quality_to_factor(float(quality))
     ph, pw = -h % 16, -w % 16
     x = img if (ph == 0 and pw == 0) else cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=0)
+    H, W = x.shape[:2]
     # to YCbCr on the 0-255 scale, luma centred (chroma's +128 and the DCT's -128 cancel)
     ycc_m = np.zeros((3, 4), np.float32)
     ycc_m[:, :3] = 255.0 * _RGB2YCC
     ycc_m[0, 3] = -128.0
-    ycc = cv2.transform(x, ycc_m)
-    H, W = ycc.shape[:2]
-    chroma = cv2.resize(ycc[:, :, 1:], (W // 2, H // 2), interpolation=cv2.INTER_AREA)  # exact 2x2 means
+    y, cb, cr = cv2.split(cv2.transform(x, ycc_m))
+    cb = cv2.resize(cb, (W // 2, H // 2), interpolation=cv2.INTER_AREA)  # exact 2x2 means
+    cr = cv2.resize(cr, (W // 2, H // 2), interpolation=cv2.INTER_AREA)
     with single_thread_blas():
-        y = _quantise_blocks(np.ascontiguousarray(ycc[:, :, 0]), LUMA_TABLE, factor, 1.0 / 255.0)
-        cb = _quantise_blocks(np.ascontiguousarray(chroma[:, :, 0]), CHROMA_TABLE, factor)
-        cr = _quantise_blocks(np.ascontiguousarray(chroma[:, :, 1]), CHROMA_TABLE, factor)
-    up = cv2.resize(cv2.merge([cb, cr]), (W, H), interpolation=cv2.INTER_NEAREST)  # exact 2x replication
-    # back to RGB in [0, 1]: luma (already /255) + 128/255 + chroma terms
-    rgb_m = np.zeros((3, 3), np.float32)
-    rgb_m[:, :2] = _YCC2RGB[:, 1:] / 255.0
-    rgb_m[:, 2] = 128.0 / 255.0
-    out = cv2.transform(up, rgb_m)
-    out += y[:, :, None]
+        y = _quantise_blocks(y, LUMA_TABLE, factor)
+        cb = _quantise_blocks(cb, CHROMA_TABLE, factor)
+        cr = _quantise_blocks(cr, CHROMA_TABLE, factor)
+    cb = cv2.resize(cb, (W, H), interpolation=cv2.INTER_NEAREST)  # exact 2x replication
+    cr = cv2.resize(cr, (W, H), interpolation=cv2.INTER_NEAREST)
+    # back to RGB in [0, 1]: (luma + 128 + chroma terms) / 255
+    rgb_m = np.zeros((3, 4), np.float32)
+    rgb_m[:, :3] = _YCC2RGB / 255.0
+    rgb_m[:, 3] = 128.0 / 255.0
+    out = cv2.transform(cv2.merge([y, cb, cr]), rgb_m)
     np.clip(out, 0.0, 1.0, out=out)
     return np.ascontiguousarray(out[:h, :w]) if (ph or pw) else out
