@@ -1,0 +1,276 @@
+"""The training loop: validate, set up the mesh and state (fresh or resumed), step, log, checkpoint, export.
+
+Robustness rules: the config is validated before anything is built or compiled; a non-finite loss or gradient
+norm stops the run before any checkpoint could hold it (metrics are checked one step behind, so the device never
+waits, and always before a save); SIGTERM/SIGINT (preemption) saves the current step and returns; a resumed run
+continues bit-for-bit (same RNG draws, same data order) as long as the loader's worker count is unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pasd_jax.convert.folders import CONTROLNET, UNET
+from pasd_jax.schedulers.schedule import alphas_cumprod_from_betas, effective_config, load_config, make_betas
+from pasd_jax.train import checkpoint as ckpt_lib
+from pasd_jax.train import data as data_lib
+from pasd_jax.train import layout as layout_lib
+from pasd_jax.train import partition, setup, sharding
+from pasd_jax.train.metrics import MetricsWriter
+from pasd_jax.train.step import Diffusion
+from pasd_jax.train.validate import ConfigError, validate
+
+IteratorFactory = Callable[..., Iterator]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; no checkpoint was written from that state."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    status: str                      # "finished" | "preempted"
+    metrics: dict[str, float]        # the last logged row
+    export_dir: pathlib.Path | None = None
+
+
+def init_distributed(dc) -> None:
+    """jax.distributed.initialize(); unset values are auto-detected from the cluster environment."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU runs (tests)
+    kw = {}
+    if dc.coordinator_address:
+        kw["coordinator_address"] = dc.coordinator_address
+    if int(dc.num_processes) > 0:
+        kw["num_processes"] = int(dc.num_processes)
+    if int(dc.process_id) >= 0:
+        kw["process_id"] = int(dc.process_id)
+    jax.distributed.initialize(**kw)
+
+
+@functools.lru_cache(maxsize=4)
+def null_ids(tokenizer_path: str, max_length: int) -> tuple[int, ...]:
+    """Token ids of the empty caption, exactly as the loader tokenises captions (padding to max_length)."""
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(tokenizer_path)
+    return tuple(int(i) for i in tok("", padding="max_length", max_length=max_length, truncation=True).input_ids)
+
+
+def make_diffusion(config, models: setup.Models) -> Diffusion:
+    sched = effective_config(load_config(config.diffusion.scheduler), "ddim")
+    if sched["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"{config.diffusion.scheduler}: prediction_type {sched['prediction_type']!r} is not "
+                          "supported for training (epsilon or v_prediction)")
+    abar = alphas_cumprod_from_betas(make_betas(sched))
+    return Diffusion(alphas_cumprod=tuple(float(a) for a in abar),
+                     null_ids=null_ids(config.loader.tokenizer, models.text_encoder.config.max_position_embeddings),
+                     null_text_ratio=float(config.diffusion.null_text_ratio),
+                     prediction_type=sched["prediction_type"], dr_weight=float(config.diffusion.dr_loss_weight),
+                     conditioning_scale=float(config.model.conditioning_scale))
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag the loop polls at step boundaries; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def agreed(self) -> bool:
+        """True on every host once any host got a signal (all hosts must save the same step)."""
+        local = self.received is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_resume(meta: Mapping[str, Any], config) -> None:
+    if meta["variant"] != config.model.variant:
+        raise ConfigError(f"the checkpoint is a {meta['variant']} run but model.variant={config.model.variant!r}")
+    if int(meta["num_workers"]) != int(config.loader.num_workers) and config.loader.source != "synthetic":
+        raise ConfigError(f"loader.num_workers={config.loader.num_workers} but the checkpoint was written with "
+                          f"{meta['num_workers']} loader workers: the loader state is tied to the worker count; "
+                          f"resume with --config.loader.num_workers={meta['num_workers']}")
+    if int(meta["process_count"]) != jax.process_count():
+        raise ConfigError(f"the checkpoint was written by {meta['process_count']} processes, this run has "
+                          f"{jax.process_count()}: each host's loader state belongs to its data shard")
+
+
+def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory | None = None) -> RunResult:
+    """Train (or resume) the run in `workdir` up to `config.steps` optimizer steps."""
+    t_start = time.perf_counter()
+    if config.distributed.enabled:
+        init_distributed(config.distributed)
+    validate(config, n_devices=jax.device_count(), process_count=jax.process_count())
+    workdir = pathlib.Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(dict(config.mesh))
+    dtype = jnp.dtype(config.model.compute_dtype)
+    names = tuple(config.model.trainable)
+    ckpts = ckpt_lib.Checkpoints(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=int(config.max_to_keep))
+    latest = ckpts.latest_step()
+    previous = ckpts.metadata(latest) if latest is not None else None
+    if previous is not None:
+        _check_resume(previous, config)
+    configs = previous["model_configs"] if previous else setup.model_config_dicts(config.model)
+    models = setup.build_models(configs, config.model.variant, dtype, bool(config.model.remat))
+    diffusion = make_diffusion(config, models)
+
+    optim = layout_lib.freeze(config.optim)
+    rules = tuple((str(r), tuple(a)) for r, a in config.sharding.rules)
+    layout = layout_lib.make_layout(models, names, dtype.name, optim, mesh, rules, int(config.sharding.min_size))
+
+    data_state = None
+    if previous is None:
+        trainable, frozen_np, base = setup.fresh_start(config, models, configs, workdir)
+        _sync("pasd_base_written")
+        state = layout_lib.create_state(layout, trainable, optim, jax.random.PRNGKey(int(config.seed)))
+        del trainable
+    else:
+        base = ckpt_lib.resolve_base(previous["base"], workdir)
+        frozen_np = setup.load_frozen(models, base, names)
+        state, data_state, _ = ckpts.restore(latest, layout.abstract_state())
+    frozen = sharding.put(setup.cast(frozen_np, dtype), layout.frozen_sh)
+    del frozen_np
+    meta = {"variant": models.variant, "config": config.to_json_best_effort(), "model_configs": configs,
+            "base": ckpt_lib.relative_base(base, workdir), "trainable": list(names),
+            "num_workers": int(config.loader.num_workers), "process_count": jax.process_count(),
+            "mesh": dict(mesh.shape), "jax_version": jax.__version__}
+
+    factory = make_iterator or data_lib.make_iterator
+    iterator = factory(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                       vocab_size=models.text_encoder.config.vocab_size)
+    if data_state is not None:
+        iterator.set_state(data_state)
+
+    t_compile = time.perf_counter()
+    accum = int(config.grad_accum)
+    step_fn = layout_lib.compile_step(models, diffusion, layout, optim,
+                                      (accum, int(config.batch_size) // accum, int(config.data.crop_size)))
+    t_compile = time.perf_counter() - t_compile
+    step = int(jax.device_get(state["step"]))
+    writer = MetricsWriter(workdir, total_steps=int(config.steps), start_step=step, enabled=is_main,
+                           progress=bool(config.progress))
+    writer.message(f"{'resumed from' if previous else 'new run at'} step {step} in {workdir}: {models.variant}, "
+                   f"{partition.count(layout.trainable) / 1e6:.1f}M trainable params, mesh {dict(mesh.shape)}, "
+                   f"setup {time.perf_counter() - t_start - t_compile:.1f}s, step compiled in {t_compile:.1f}s")
+    loop = _Loop(config, ckpts, writer, last_saved=latest)
+    status = "finished"
+    try:
+        with StopSignals() as signals:
+            while step < int(config.steps):
+                arrays, counters = data_lib.split_counters(next(iterator))
+                batch = data_lib.to_global(arrays, accum, int(config.data.crop_size), layout.batch_sh)
+                state, metrics = step_fn(state, frozen, batch)
+                step += 1
+                loop.check_pending()                    # the previous step's metrics, while this one runs
+                loop.pending = (step, metrics, counters)
+                stop = signals.agreed()
+                if stop or step % int(config.checkpoint_every) == 0 or step == int(config.steps):
+                    loop.check_pending()
+                    ckpts.save(state, iterator.get_state(), meta, wait=stop)
+                    loop.last_saved = step
+                if stop:
+                    status = "preempted"
+                    writer.message(f"stopped by signal {signals.received} at step {step}; checkpoint saved in "
+                                   f"{ckpts.directory}; run the same command to resume")
+                    break
+            loop.check_pending()
+        ckpts.wait()
+    finally:
+        ckpts.close()
+        writer.close()
+        getattr(iterator, "close", lambda: None)()
+    export_dir = None
+    if status == "finished" and config.export_at_end:
+        export_dir = export_live(configs, models.variant, state["params"], base, names,
+                                 workdir / "export" / f"checkpoint-{step}")
+    return RunResult(step=step, status=status, metrics=loop.last_row, export_dir=export_dir)
+
+
+class _Loop:
+    """Host-side bookkeeping: finite checks, metric windows, throughput."""
+
+    def __init__(self, config, ckpts: ckpt_lib.Checkpoints, writer: MetricsWriter, last_saved: int | None):
+        self.config, self.ckpts, self.writer = config, ckpts, writer
+        self.last_saved = last_saved
+        self.pending: tuple[int, dict, dict] | None = None
+        self.window: list[dict[str, float]] = []
+        self.counts: dict[str, int] = {}
+        self.last_row: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    def check_pending(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics, counters = self.pending
+        self.pending = None
+        row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+            self.ckpts.wait()
+            kept = (f"the last good checkpoint is step {self.last_saved} in {self.ckpts.directory}"
+                    if self.last_saved is not None else "no checkpoint was written")
+            raise NonFiniteLossError(
+                f"non-finite training values at step {step} (loss={row['loss']}, grad_norm={row['grad_norm']}); "
+                f"nothing from this state was saved and {kept}. Lower optim.lr, check the data and the base "
+                "weights, or use a float32 compute_dtype to locate the overflow.")
+        self.window.append(row)
+        for k, v in counters.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        self.writer.advance()
+        if step % int(self.config.log_every) == 0 or step == int(self.config.steps):
+            self.log(step)
+
+    def log(self, step: int) -> None:
+        now = time.perf_counter()
+        n = len(self.window)
+        row = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[-1]}  # means over the window
+        row.update(self.counts)                                                           # totals over the window
+        row["samples_per_s"] = n * int(self.config.batch_size) / max(now - self.t0, 1e-9)
+        row["steps_per_s"] = n / max(now - self.t0, 1e-9)
+        self.writer.write(step, row)
+        self.last_row = {"step": step, **row}
+        self.window, self.counts, self.t0 = [], {}, now
+
+
+def export_live(configs: Mapping[str, dict], variant: str, params: Any, base: Mapping[str, str],
+                names: tuple[str, ...], folder: pathlib.Path) -> pathlib.Path | None:
+    """Write the trained models in the official layout (process 0); the frozen base is re-read in fp32 so the
+    SD weights in the exported UNet are the base's exact values, not the compute-dtype copy used in training."""
+    trained = sharding.to_host(params)                 # collective: every host takes part
+    if jax.process_index() != 0:
+        return None
+    fp32 = setup.build_models(configs, variant)
+    unet_frozen = setup.load_frozen(fp32, base, names, kinds=(UNET,))[UNET]
+    unet = partition.merge(unet_frozen, trained[UNET])
+    return ckpt_lib.export_pytorch((fp32.unet, unet), (fp32.controlnet, trained[CONTROLNET]), folder)

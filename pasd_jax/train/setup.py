@@ -1,0 +1,185 @@
+"""The models and starting parameters of a PASD training run.
+
+Three ways to start (spec 5, 3.5): an SD1.5 diffusers folder as the frozen base with a fresh ControlNet copied from
+its UNet (`from_unet`) and fresh PACA (PyTorch-default init, not zero); an official PASD checkpoint (or one of our
+own runs) to fine-tune; or, with no base folder, random base models from config files (tiny CPU runs). The frozen
+base is always *referenced by path*: a random base is written once as PyTorch folders into the work dir, so a
+checkpoint holds only what training changes and export reads the exact fp32 base back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pasd_jax.convert import abstract_params, build_module, from_pytorch, init_params, to_pytorch
+from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
+from pasd_jax.convert.io import read_json
+from pasd_jax.models.blocks import PLAIN
+from pasd_jax.models.clip_text import CLIPTextEncoder
+from pasd_jax.models.config import controlnet_config_from_unet
+from pasd_jax.models.controlnet import PASDControlNet, controlnet_params_from_unet
+from pasd_jax.models.unet import PASDUNet
+from pasd_jax.models.vae import AutoencoderKL
+from pasd_jax.train import partition
+
+BASE_KINDS = (UNET, VAE, TEXT_ENCODER)
+Tree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The four Flax modules of a run (hashable: jitted step functions close over them)."""
+    unet: PASDUNet
+    controlnet: PASDControlNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextEncoder
+
+    @property
+    def variant(self) -> str:
+        return self.unet.variant
+
+
+def _config_json(folder_or_file: str | pathlib.Path) -> dict:
+    p = pathlib.Path(folder_or_file)
+    return read_json(p if p.suffix == ".json" else p / "config.json")
+
+
+def is_pytorch_checkpoint(path: str | pathlib.Path) -> bool:
+    """An official-layout PASD checkpoint folder (unet/ + controlnet/ with config.json)."""
+    p = pathlib.Path(path)
+    return (p / UNET / "config.json").is_file() and (p / CONTROLNET / "config.json").is_file()
+
+
+def model_config_dicts(mc: Mapping[str, Any]) -> dict[str, dict]:
+    """config.json dicts of the unet, controlnet, vae and text encoder for the `model` section of a config."""
+    if mc["init_from"] and is_pytorch_checkpoint(mc["init_from"]):
+        src = pathlib.Path(mc["init_from"])
+        unet, controlnet = _config_json(src / UNET), _config_json(src / CONTROLNET)
+    elif mc["init_from"]:
+        from pasd_jax.train.checkpoint import read_metadata
+        meta = read_metadata(mc["init_from"])
+        unet, controlnet = meta["model_configs"][UNET], meta["model_configs"][CONTROLNET]
+    elif mc["base"]:
+        unet, controlnet = _config_json(pathlib.Path(mc["base"]) / UNET), None
+    else:
+        unet, controlnet = _config_json(mc["unet_config"]), None
+    if controlnet is None:
+        controlnet = controlnet_config_from_unet(unet, use_rrdb=bool(mc["use_rrdb"]))
+    if mc["base"]:
+        vae, text = (_config_json(pathlib.Path(mc["base"]) / k) for k in (VAE, TEXT_ENCODER))
+    else:
+        vae, text = _config_json(mc["vae_config"]), _config_json(mc["text_encoder_config"])
+    return {UNET: unet, CONTROLNET: controlnet, VAE: vae, TEXT_ENCODER: text}
+
+
+def build_models(configs: Mapping[str, dict], variant: str, compute_dtype: Any = jnp.float32,
+                 remat: bool = False) -> Models:
+    """Modules computing in `compute_dtype`; params are created fp32 and each tree keeps its own storage dtype."""
+    kw = dict(dtype=compute_dtype, param_dtype=jnp.float32)
+    return Models(unet=build_module(UNET, configs[UNET], variant=variant, remat=remat, **kw),
+                  controlnet=build_module(CONTROLNET, configs[CONTROLNET], remat=remat, **kw),
+                  vae=build_module(VAE, configs[VAE], **kw),
+                  text_encoder=build_module(TEXT_ENCODER, configs[TEXT_ENCODER], **kw))
+
+
+def to_numpy(tree: Tree) -> Tree:
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def cast(tree: Tree, dtype: Any) -> Tree:
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
+
+
+def _check_same_keys(got: Tree, want: Tree, what: str) -> None:
+    got_k, want_k = set(partition.flatten(got)), set(partition.flatten(want))
+    if got_k != want_k:
+        missing, extra = sorted(want_k - got_k)[:5], sorted(got_k - want_k)[:5]
+        raise ValueError(f"{what}: parameter names do not match the model (missing {missing}, unexpected {extra})")
+
+
+def load_frozen(models: Models, base: Mapping[str, str], trainable: tuple[str, ...],
+                unet: Tree | None = None, kinds: tuple[str, ...] = BASE_KINDS) -> dict:
+    """The frozen fp32 base (numpy) from PyTorch folders; the UNet folder may hold a plain SD or a PASD UNet (its
+    trainable part is dropped). `unet`: full UNet params already in memory, used instead of reading base["unet"]."""
+    out = {}
+    for kind in kinds:
+        params = to_numpy(from_pytorch(base[kind])[1] if unet is None or kind != UNET else unet)
+        if kind == UNET:
+            params = partition.split(params, lambda p: partition.is_trainable_unet_path(p, trainable))[1]
+            want = partition.split_unet(abstract(models.unet), trainable)[1]
+        else:
+            want = abstract(getattr(models, kind))
+        _check_same_keys(params, want, f"frozen {kind} from {base[kind]}")
+        out[kind] = params
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def abstract(module) -> Tree:
+    """Parameter shapes of a module (cached: tracing an SD-size init takes seconds)."""
+    return abstract_params(module)
+
+
+def fresh_start(config, models: Models, configs: Mapping[str, dict],
+                workdir: str | pathlib.Path) -> tuple[dict, dict, dict[str, str]]:
+    """(trainable fp32, frozen fp32, base folders) for a new run; numpy trees, identical on every host.
+
+    A random base (no `model.base`) is written to `<workdir>/base` by process 0 (the caller syncs hosts).
+    Random init draws from an `unsafe_rbg` key: one threefry hash per parameter makes XLA's CPU compile of a
+    model's init take minutes, the RBG generator seconds; init values only need to be random and reproducible."""
+    mc = config.model
+    names = tuple(mc.trainable)
+    k_unet, k_cn, k_vae, k_text = jax.random.split(jax.random.key(config.seed, impl="unsafe_rbg"), 4)
+    if mc.init_from:
+        unet, controlnet, base = _from_pasd(config, models)
+        frozen = load_frozen(models, base, names, unet=unet)
+        return {CONTROLNET: controlnet, UNET: partition.split_unet(unet, names)[0]}, frozen, base
+    unet_init = to_numpy(init_params(models.unet, k_unet))
+    paca, random_sd = partition.split_unet(unet_init, names)
+    if mc.base:
+        base = {k: str(pathlib.Path(mc.base) / k) for k in BASE_KINDS}
+        frozen = load_frozen(models, base, names)
+    else:
+        frozen = {UNET: random_sd, VAE: to_numpy(init_params(models.vae, k_vae)),
+                  TEXT_ENCODER: to_numpy(init_params(models.text_encoder, k_text))}
+        base = write_base(models, configs, frozen, pathlib.Path(workdir) / "base")
+    unet = partition.merge(frozen[UNET], paca)
+    controlnet = to_numpy(controlnet_params_from_unet(unet, init_params(models.controlnet, k_cn)))
+    return {CONTROLNET: controlnet, UNET: paca}, frozen, base
+
+
+def _from_pasd(config, models: Models) -> tuple[dict, dict, dict[str, str]]:
+    """Fine-tuning start: an official-layout PASD checkpoint folder or one of our run/checkpoint dirs."""
+    mc = config.model
+    src = pathlib.Path(mc.init_from)
+    if is_pytorch_checkpoint(src):
+        (unet_m, unet), (_, controlnet) = from_pytorch(src / UNET), from_pytorch(src / CONTROLNET)
+        base = {UNET: str(src / UNET), VAE: str(pathlib.Path(mc.base) / VAE),
+                TEXT_ENCODER: str(pathlib.Path(mc.base) / TEXT_ENCODER)}
+        variant = unet_m.variant
+    else:
+        from pasd_jax.train.checkpoint import restore_for_export
+        got = restore_for_export(src)
+        (unet_m, unet), (_, controlnet) = got[UNET], got[CONTROLNET]
+        base, variant = got["metadata"]["base"], got["metadata"]["variant"]
+    if variant != models.variant:
+        raise ValueError(f"{src} holds a {variant} UNet but the config asks for model.variant={models.variant!r}")
+    return to_numpy(unet), to_numpy(controlnet), base
+
+
+def write_base(models: Models, configs: Mapping[str, dict], frozen: Mapping[str, Tree],
+               folder: pathlib.Path) -> dict[str, str]:
+    """Write a random frozen base as PyTorch folders (process 0) and return their paths."""
+    paths = {k: str(folder / k) for k in BASE_KINDS}
+    if jax.process_index() == 0:
+        modules = {UNET: build_module(UNET, configs[UNET], variant=PLAIN), VAE: models.vae,
+                   TEXT_ENCODER: models.text_encoder}
+        for kind in BASE_KINDS:
+            to_pytorch(modules[kind], frozen[kind], paths[kind])
+    return paths
