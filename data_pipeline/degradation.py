@@ -134,9 +134,8 @@ def degrade_float(img: np.ndarray, rng: np.random.Generator, cfg: DegradationCon
 
 def quantise(img: np.ndarray) -> np.ndarray:
     """clamp(round(255 x), 0, 255) as uint8: the final 8-bit rounding (half to even, like torch.round)."""
-    q = np.rint(img * np.float32(255.0))
-    np.clip(q, 0, 255, out=q)
-    return q.astype(np.uint8)
+    # cv2's saturating convert rounds half to even like np.rint; max() first so negatives clamp to 0
+    return cv2.convertScaleAbs(cv2.max(img, 0.0), alpha=255.0)
 
 
 def as_config(cfg: DegradationConfig | Mapping[str, Any] | None) -> DegradationConfig:

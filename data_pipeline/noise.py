@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import cv2
 import numpy as np
 from scipy import stats
 
@@ -33,9 +34,7 @@ def gaussian_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: floa
 
 def _levels(x: np.ndarray) -> np.ndarray:
     """clamp(round(255 x), 0, 255) as uint8 (round half to even, like torch.round)."""
-    q = np.rint(x * np.float32(255.0))
-    np.clip(q, 0, 255, out=q)
-    return q.astype(np.uint8)
+    return cv2.convertScaleAbs(cv2.max(x, 0.0), alpha=255.0).reshape(x.shape)  # saturating, half to even
 
 
 def poisson_vals(levels: np.ndarray) -> int:
@@ -70,17 +69,21 @@ class _PoissonTable:
         self.guide = np.where(exact, lo, -(lo + 1)).astype(np.int16).ravel()
 
     def sample(self, rng: np.random.Generator, levels: np.ndarray) -> np.ndarray:
-        """Poisson counts for each 8-bit level in `levels` (any shape), as float32."""
-        lvl = levels.reshape(-1).astype(np.int32)
-        u = rng.random(lvl.shape[0])
-        gi = (u * (1 << self.GUIDE_BITS)).astype(np.int32)
-        gi |= lvl << self.GUIDE_BITS
-        k = self.guide[gi].astype(np.int32)
-        todo = np.nonzero(k < 0)[0]
+        """Poisson counts for each 8-bit level in `levels` (any shape), as float32.
+
+        u = (raw >> 11) / 2^53 is how numpy turns 64 raw bits into a double, so the bucket floor(u * 2^10)
+        is raw >> 54 and the double is only formed for the few pixels that walk.
+        """
+        raw = rng.bit_generator.random_raw(levels.size)
+        gi = (raw >> np.uint64(64 - self.GUIDE_BITS)).astype(np.uint32)
+        gi |= levels.reshape(-1).astype(np.uint32) << np.uint32(self.GUIDE_BITS)
+        k = self.guide[gi]
+        todo = np.flatnonzero(k < 0)
         if todo.size:
-            uu, base = u[todo], lvl[todo] * self.width
-            idx = base - k[todo] - 1  # the walk's start in the flat CDF table
-            live = np.nonzero(self.cdf[idx] <= uu)[0]
+            uu = (raw[todo] >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+            base = levels.reshape(-1)[todo].astype(np.int64) * self.width
+            idx = base - k[todo].astype(np.int64) - 1  # the walk's start in the flat CDF table
+            live = np.flatnonzero(self.cdf[idx] <= uu)
             while live.size:  # smallest k with u < cdf[k]; cdf ends at 1.0 > u
                 idx[live] += 1
                 live = live[self.cdf[idx[live]] <= uu[live]]

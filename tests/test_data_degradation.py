@@ -24,10 +24,6 @@ OFFICIAL = REPO / "tests" / "data" / "official_degradation_stats.json"
 ALPHA = 0.01  # per statistic; a deterministic test (fixed crops and seeds), so no flakiness to budget for
 
 
-def _hq(seed=0, size=512):
-    return next(reference_crops(REPO.parent / "shared" / "examples", 1, seed=seed, size=size))
-
-
 @pytest.fixture(scope="module")
 def examples(shared_dir):
     return shared_dir / "examples"
@@ -54,6 +50,16 @@ def test_degrade_never_flips(examples):
             continue  # nearly symmetric crop: nothing to tell
         lq = degrade(hq, i).astype(np.float64) * 255
         assert np.abs(lq - hq).mean() < np.abs(lq - hq[:, ::-1]).mean(), i
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_small_crops_of_tiny_configs(size):
+    from data_pipeline.sources import ProceduralSource
+
+    img = ProceduralSource(1, size, seed=0)[0]["image"]
+    for seed in range(40):  # stage-2 images of 8-19 px meet 21-tap kernels and 16 px JPEG padding
+        lq = degrade(img, seed)
+        assert lq.shape == img.shape and np.isfinite(lq).all()
 
 
 def test_cfg_accepts_presets_and_partial_dicts(examples):

@@ -43,6 +43,8 @@ def test_batch_contract_at_512(golden_dir):
     assert b["input_ids"].shape == (2, 77) and b["input_ids"].dtype == np.int32
     assert (b["input_ids"][:, 0] == 49406).all()  # CLIP BOS; padded to 77
     assert not np.array_equal(b["hq"], b["lq"])
+    for hq, lq in zip(b["hq"].astype(float), b["lq"].astype(float)):  # lq comes from the flipped-or-not hq
+        assert np.abs(lq - hq).mean() < np.abs(lq - hq[:, ::-1]).mean()
 
 
 def test_zero_and_two_workers_identical_and_resumable():
