@@ -32,13 +32,11 @@ class Loaded:
 
 
 def _train_checkpoint(path: pathlib.Path) -> dict | None:
-    """A `train.py` work dir or step dir, restored through the training checkpoint module (or None)."""
-    try:
-        from pasd_jax.train import checkpoint as train_ckpt
-    except ImportError:
-        return None
-    probe = getattr(train_ckpt, "is_train_checkpoint", None)
-    if probe is None or not probe(path):
+    """A `train.py` work dir (or its checkpoints/ dir), restored at its latest step; None if it is not one."""
+    from pasd_jax.train import checkpoint as train_ckpt
+
+    ckdir = train_ckpt.checkpoint_dir(path)
+    if not ckdir.is_dir() or not any(p.is_dir() and p.name.isdigit() for p in ckdir.iterdir()):
         return None
     return train_ckpt.restore_for_export(path)
 
