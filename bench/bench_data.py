@@ -98,7 +98,8 @@ def bench_end_to_end(workers: list[int], n_images: int, size: int, batch: int, w
                     next(it)
                 rate = measure * batch / (time.perf_counter() - t)
             cores = min(nw, os.cpu_count() or 1) if nw else 1
-            out.append({"workers": nw, "pairs_per_s": round(rate, 1), "pairs_per_s_per_worker_core": round(rate / cores, 1),
+            out.append({"workers": nw, "pairs_per_s": round(rate, 1),
+                        "pairs_per_s_per_worker_core": round(rate / cores, 1),
                         "warmup_s": round(startup, 1), "batch": batch, "measured_batches": measure,
                         "png_size": size, "png_kb": round(png_kb, 1)})
     return out

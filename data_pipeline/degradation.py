@@ -142,7 +142,8 @@ def as_config(cfg: DegradationConfig | Mapping[str, Any] | None) -> DegradationC
     return PASD if cfg is None else DegradationConfig.from_dict(cfg)
 
 
-def degrade_uint8(hq: np.ndarray, rng: np.random.Generator, cfg: DegradationConfig | Mapping | None = None) -> np.ndarray:
+def degrade_uint8(hq: np.ndarray, rng: np.random.Generator,
+                  cfg: DegradationConfig | Mapping | None = None) -> np.ndarray:
     """The loader's entry: HxWx3 uint8 RGB GT -> HxWx3 uint8 LQ, all randomness from `rng`."""
     if hq.dtype != np.uint8 or hq.ndim != 3 or hq.shape[2] != 3:
         raise ValueError(f"hq must be an HxWx3 uint8 RGB array, got {hq.dtype} {hq.shape}")

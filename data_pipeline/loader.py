@@ -289,8 +289,8 @@ def count_summary(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Per-batch totals of skipped and converted records, named `skipped/<reason>` and `converted/<kind>`."""
     skips = np.asarray(batch["skip_counts"]).reshape(-1, len(SKIP_REASONS)).sum(0)
     conv = np.asarray(batch["convert_counts"]).reshape(-1, len(CONVERT_KINDS)).sum(0)
-    out = {f"skipped/{r}": int(v) for r, v in zip(SKIP_REASONS, skips)}
-    out.update({f"converted/{k}": int(v) for k, v in zip(CONVERT_KINDS, conv)})
+    out = {f"skipped/{r}": int(v) for r, v in zip(SKIP_REASONS, skips, strict=True)}
+    out.update({f"converted/{k}": int(v) for k, v in zip(CONVERT_KINDS, conv, strict=True)})
     return out
 
 

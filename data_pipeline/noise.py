@@ -62,8 +62,8 @@ class _PoissonTable:
         n = 1 << self.GUIDE_BITS
         edges = np.arange(n + 1, dtype=np.float64) / n
         # first k with cdf[l, k] > u, at both ends of each bucket [j/n, (j+1)/n)
-        lo = np.stack([np.searchsorted(cdf[l], edges[:-1], side="right") for l in range(256)])
-        hi = np.stack([np.searchsorted(cdf[l], edges[1:], side="left") for l in range(256)])
+        lo = np.stack([np.searchsorted(cdf[lv], edges[:-1], side="right") for lv in range(256)])
+        hi = np.stack([np.searchsorted(cdf[lv], edges[1:], side="left") for lv in range(256)])
         # exact bucket: every u < (j+1)/n has cdf[l, lo] > u (cdf[lo] >= (j+1)/n) -> count is lo
         exact = hi <= lo
         self.guide = np.where(exact, lo, -(lo + 1)).astype(np.int16).ravel()

@@ -39,13 +39,13 @@ def _block_ratio(y: np.ndarray, block: int = 8) -> float:
 def pair_stats(gt: np.ndarray, lq: np.ndarray, scale: int = 4) -> dict[str, float]:
     """Statistics of one pair of HxWx3 uint8 RGB images (GT and its degraded LQ at the same size)."""
     g = gt.astype(np.float32) / 255.0
-    l = lq.astype(np.float32) / 255.0
-    mse = float(np.mean((g - l) ** 2))
+    q = lq.astype(np.float32) / 255.0
+    mse = float(np.mean((g - q) ** 2))
     psnr = 10.0 * np.log10(1.0 / max(mse, 1e-12))
     gy = cv2.cvtColor(g, cv2.COLOR_RGB2GRAY)
-    ly = cv2.cvtColor(l, cv2.COLOR_RGB2GRAY)
+    ly = cv2.cvtColor(q, cv2.COLOR_RGB2GRAY)
     sharp = float(cv2.Laplacian(ly, cv2.CV_32F).var() / max(cv2.Laplacian(gy, cv2.CV_32F).var(), 1e-12))
-    ln, gn = _native(l, scale), _native(g, scale)
+    ln, gn = _native(q, scale), _native(g, scale)
     lny = cv2.cvtColor(ln, cv2.COLOR_RGB2GRAY)
     # median |Immerkaer response| over R, G, B: robust to edges, sees colour and grey noise alike
     resp = cv2.filter2D(ln, -1, _IMMERKAER, borderType=cv2.BORDER_REFLECT_101)[1:-1, 1:-1]

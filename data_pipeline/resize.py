@@ -25,7 +25,7 @@ def area_matrix(n_in: int, n_out: int) -> sparse.csr_matrix:
     end = -((-(i + 1) * n_in) // n_out)  # ceil((i + 1) * n_in / n_out)
     length = end - start
     rows = np.repeat(i, length)
-    cols = np.concatenate([np.arange(s, e) for s, e in zip(start, end)])
+    cols = np.concatenate([np.arange(s, e) for s, e in zip(start, end, strict=True)])
     vals = np.repeat((1.0 / length).astype(np.float32), length)
     return sparse.csr_matrix((vals, (rows, cols)), shape=(n_out, n_in), dtype=np.float32)
 

@@ -43,7 +43,7 @@ def test_batch_contract_at_512(golden_dir):
     assert b["input_ids"].shape == (2, 77) and b["input_ids"].dtype == np.int32
     assert (b["input_ids"][:, 0] == 49406).all()  # CLIP BOS; padded to 77
     assert not np.array_equal(b["hq"], b["lq"])
-    for hq, lq in zip(b["hq"].astype(float), b["lq"].astype(float)):  # lq comes from the flipped-or-not hq
+    for hq, lq in zip(b["hq"].astype(float), b["lq"].astype(float), strict=True):  # lq comes from the flipped-or-not hq
         assert np.abs(lq - hq).mean() < np.abs(lq - hq[:, ::-1]).mean()
 
 
@@ -53,12 +53,12 @@ def test_zero_and_two_workers_identical_and_resumable():
     with make_train_iterator(CFG, **KW, num_workers=2, source=_src()) as it:
         got = _take(it, 2)
         state = json.loads(json.dumps(it.get_state()))  # JSON round trip, as in a checkpoint
-    assert all(_same(a, b) for a, b in zip(ref, got))
+    assert all(_same(a, b) for a, b in zip(ref[:2], got, strict=True))
     assert state["settings"]["num_workers"] == 2
     with make_train_iterator(CFG, **KW, num_workers=2, source=_src()) as it:
         it.set_state(state)
         resumed = _take(it, 2)
-    assert all(_same(a, b) for a, b in zip(ref[2:], resumed))
+    assert all(_same(a, b) for a, b in zip(ref[2:], resumed, strict=True))
 
 
 def test_state_is_tied_to_settings():

@@ -5,7 +5,6 @@ import io
 import os
 import tarfile
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
