@@ -7,7 +7,8 @@ Prints one JSON object:
   wall time and from process CPU time (on a shared machine CPU time is the steadier per-core figure).
 - "end_to_end": 640x640 PNG files -> FolderSource -> decode, crop 512, flip, degrade, batch 16 -> mp_prefetch
   with 1, 2, 4 workers: pairs/s over the measured batches (after warm-up and after draining the
-  prefetch buffers) and pairs/s per worker core (total / min(workers, cores)).
+  prefetch buffers), pairs/s per worker core (total / min(workers, cores)), and pairs per CPU-second
+  summed over the main process and its workers (the per-core figure that survives a busy machine).
 Reference: PASD's own torch-CPU degradation does about 7.6 pairs/s per core (measured elsewhere).
 """
 from __future__ import annotations
@@ -74,6 +75,21 @@ def _png_folder(root: pathlib.Path, n: int, size: int) -> None:
         (root / f"{i:05d}.txt").write_text(src[i]["caption"])
 
 
+def _tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live children (Linux /proc; the Grain workers)."""
+    total = time.process_time()
+    tck = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    for st in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = st.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # ppid
+            total += (int(fields[11]) + int(fields[12])) / tck  # utime + stime
+    return total
+
+
 def bench_end_to_end(workers: list[int], n_images: int, size: int, batch: int, warm: int, measure: int) -> list:
     from data_pipeline.loader import make_train_iterator
     from data_pipeline.sources import FolderSource
@@ -93,13 +109,17 @@ def bench_end_to_end(workers: list[int], n_images: int, size: int, batch: int, w
                 # drain what the workers buffered meanwhile, so that the timed batches are produced while timed
                 for _ in range(warm + 2 * max(nw, 1)):
                     next(it)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), _tree_cpu_seconds()
                 for _ in range(measure):
                     next(it)
                 rate = measure * batch / (time.perf_counter() - t)
+                # CPU-time rate: pairs per CPU-second of main + workers (robust to other load on the machine;
+                # it slightly overstates the work when buffers refill after the timed window)
+                cpu_rate = measure * batch / max(_tree_cpu_seconds() - c, 1e-9)
             cores = min(nw, os.cpu_count() or 1) if nw else 1
             out.append({"workers": nw, "pairs_per_s": round(rate, 1),
                         "pairs_per_s_per_worker_core": round(rate / cores, 1),
+                        "pairs_per_cpu_s": round(cpu_rate, 1),
                         "warmup_s": round(startup, 1), "batch": batch, "measured_batches": measure,
                         "png_size": size, "png_kb": round(png_kb, 1)})
     return out
