@@ -17,17 +17,17 @@ from scipy import sparse
 _CV2_INTERP = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def area_matrix(n_in: int, n_out: int) -> sparse.csr_matrix:
     """The (n_out, n_in) averaging operator of torch's adaptive average pooling along one axis."""
     i = np.arange(n_out)
     start = (i * n_in) // n_out
     end = -((-(i + 1) * n_in) // n_out)  # ceil((i + 1) * n_in / n_out)
     length = end - start
-    rows = np.repeat(i, length)
-    cols = np.concatenate([np.arange(s, e) for s, e in zip(start, end, strict=True)])
+    indptr = np.concatenate([[0], np.cumsum(length)])
+    cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - start, length)  # start .. end-1 per row
     vals = np.repeat((1.0 / length).astype(np.float32), length)
-    return sparse.csr_matrix((vals, (rows, cols)), shape=(n_out, n_in), dtype=np.float32)
+    return sparse.csr_matrix((vals, cols, indptr), shape=(n_out, n_in), dtype=np.float32)
 
 
 def _area(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
