@@ -91,7 +91,7 @@ def test_per_pixel_model_tiled_equals_untiled(models, golden_dir):
     standin.eps_fn_factory = lambda m: standin_eps
     images = _images(0, (2, 96, 128, 3))                   # latent 12 x 16
     keys = _keys(1, 2)
-    common = dict(steps=3, scheduler="ddim", guidance_scale=3.0)
+    common = dict(steps=3, scheduler="ddim", guidance_scale=3.0, init_noise=True, offset_noise_scale=0.1)
     untiled = standin.run(images, [PROMPT, "x"], [NEGATIVE], keys, SamplingOptions(**common), debug=True)
     tiled_opts = SamplingOptions(**common, latent_tile_size=8, latent_tile_overlap=3, tile_batch=3)
     tiled = standin.run(images, [PROMPT, "x"], [NEGATIVE], keys, tiled_opts, debug=True)
