@@ -1,6 +1,7 @@
 """Large-image paths of the sampler: latent tiling through the pipeline's tiled step (spec 4.7) and the tiled VAE.
 
-- A per-pixel stand-in model gives the same latents tiled and untiled (the tiles' blend weights sum to one).
+- A per-pixel stand-in model gives the same latents tiled and untiled (coverage, condition crops, per-image text,
+  chunking with a topped-up last chunk; the blend weights sum to one).
 - With the tiny PASD models, one tiled step equals a numpy transcription of the official loop (grid with the last
   tile pinned, one model call per tile, Gaussian weights with the half-pixel asymmetry, weighted average, DDIM).
 - The ControlNet + UNet program of the tiled path is traced once for two different large sizes.
@@ -73,15 +74,17 @@ def official_weights(tile):
 # --- per-pixel stand-in model ----------------------------------------------------------------------------------
 
 def standin_eps(params, z, t, context, cond, guidance, cond_scale):
-    """A per-latent-pixel map of (z, the 8x8 condition block, t, text): tiles cannot change its output."""
-    n, _, h, w = z.shape
-    pooled = cond.reshape(n, 3, h, 8, w, 8).mean(axis=(1, 3, 5))[:, None]
-    text = context.mean(axis=(2, 3))                       # [n, k]
-    base = jnp.tanh(0.3 * z + cond_scale * pooled - 0.5) * (t.astype(jnp.float32) / 1000.0)
-    pos = base + 0.1 * text[:, -1][:, None, None, None]
+    """A per-latent-pixel map of (z, the condition at the latent pixel's 8x8 block corner, t, text): tiles
+    cannot change its output. Elementwise only (no reductions, whose summation order XLA picks per shape), so
+    each pixel's value is bit-identical in a tile and in the whole latent. Mostly 0.9 z, roughly a denoiser of
+    zero data, so the latents stay O(1) as with a real model."""
+    corner = cond[:, :1, ::8, ::8]
+    text = context[:, :, 0, :1]                             # [n, k, 1]
+    base = 0.9 * z + 0.2 * jnp.tanh(0.3 * z + cond_scale * corner - 0.5) * (t.astype(jnp.float32) / 1000.0)
+    pos = base + 0.1 * text[:, -1][:, :, None, None]
     if context.shape[1] == 1:
         return pos
-    neg = 0.5 * base + 0.1 * text[:, 0][:, None, None, None]
+    neg = 0.5 * base + 0.1 * text[:, 0][:, :, None, None]
     return neg + guidance * (pos - neg)
 
 
@@ -90,18 +93,23 @@ def test_per_pixel_model_tiled_equals_untiled(models, golden_dir):
                            golden_dir / "tiny_pipeline" / "tokenizer")
     standin.eps_fn_factory = lambda m: standin_eps
     images = _images(0, (2, 96, 128, 3))                   # latent 12 x 16
-    keys = _keys(1, 2)
+    # Pure-noise start with injected draws of scale 0.3: |eps| stays ~1, so one float32 ulp of it (which two
+    # separately compiled programs may round differently, e.g. FMA contraction of the CFG sum) stays ~1e-7
+    # after DDIM's amplification (~2x).
+    rng = np.random.default_rng(1)
+    draws = {"noise": 0.3 * rng.standard_normal((2, 4, 12, 16)), "offset_noise": rng.standard_normal((2, 4, 1, 1))}
     common = dict(steps=3, scheduler="ddim", guidance_scale=3.0, init_noise=True, offset_noise_scale=0.1)
-    untiled = standin.run(images, [PROMPT, "x"], [NEGATIVE], keys, SamplingOptions(**common), debug=True)
-    tiled_opts = SamplingOptions(**common, latent_tile_size=8, latent_tile_overlap=3, tile_batch=3)
-    tiled = standin.run(images, [PROMPT, "x"], [NEGATIVE], keys, tiled_opts, debug=True)
+    untiled = standin.run(images, [PROMPT, "x"], [NEGATIVE], None, SamplingOptions(**common), draws=draws,
+                          debug=True)
+    tiled_opts = SamplingOptions(**common, latent_tile_size=8, latent_tile_overlap=3, tile_batch=5)  # 12 -> 3 x 5
+    tiled = standin.run(images, [PROMPT, "x"], [NEGATIVE], None, tiled_opts, draws=draws, debug=True)
     n_tiles = 3 * 2                                         # y offsets 0, 4; x offsets 0, 5, 8
     assert tiled.tiled and not untiled.tiled
     assert standin.trace_counts["tiled_model"] == 1
     err = float(np.abs(tiled.latents - untiled.latents).max())
     z_err = float(np.abs(tiled.z_n - untiled.z_n).max())
     img_diff = int(np.abs(tiled.images.astype(int) - untiled.images).max())
-    print(f"\nper-pixel stand-in, {n_tiles} tiles of 8 per image in chunks of 3: z_N err {z_err:.1e}, "
+    print(f"\nper-pixel stand-in, {n_tiles} tiles of 8 per image, 2 images in chunks of 5: z_N err {z_err:.1e}, "
           f"latents (3 steps, max |z| {np.abs(untiled.latents).max():.1f}) max abs err {err:.2e}, "
           f"uint8 max diff {img_diff}")
     assert z_err <= 1e-6 and err <= 1e-6 and img_diff <= 1
