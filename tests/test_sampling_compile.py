@@ -107,6 +107,29 @@ def test_keys_and_draws(pipe):
         pipe.sample(_img(0, b=2), ["a", "b"], [NEG], keys[:1], opts)
 
 
+def test_ddim_eta_and_guidance_off(pipe):
+    """eta > 0 draws DDIM's per-step noise from each image's key (or takes it from `draws`); guidance <= 1 runs the
+    positive prompt alone, as the official pipeline does."""
+    keys = jax.random.split(jax.random.key(4), 2)
+    eta = SamplingOptions(steps=3, scheduler="ddim", eta=0.7)
+    a = pipe.sample(_img(0, b=2), ["a", "b"], [NEG], keys, eta)
+    np.testing.assert_array_equal(a, pipe.sample(_img(0, b=2), ["a", "b"], [NEG], keys, eta))
+    assert np.any(a != pipe.sample(_img(0, b=2), ["a", "b"], [NEG], keys, SamplingOptions(steps=3, scheduler="ddim")))
+    rng = np.random.default_rng(1)
+    draws = {n: rng.standard_normal((2, 4, 8, 8)) for n in ("posterior", "noise", "added_noise")}
+    with pytest.raises(ValueError, match="variance"):
+        pipe.sample(_img(0, b=2), ["a", "b"], [NEG], None, eta, draws=draws)
+    draws["variance"] = rng.standard_normal((2, 3, 4, 8, 8))
+    assert pipe.sample(_img(0, b=2), ["a", "b"], [NEG], None, eta, draws=draws).shape == (2, 64, 64, 3)
+    n = pipe.trace_counts["untiled"]
+    off = pipe.run(_img(0, b=2), ["a", "b"], [NEG], keys, SamplingOptions(steps=3, guidance_scale=1.0), debug=True)
+    assert pipe.trace_counts["untiled"] == n + 1                 # a batch of B instead of 2B: its own program
+    on = pipe.run(_img(0, b=2), ["a", "b"], [NEG], keys, SamplingOptions(steps=3, guidance_scale=1.0001), debug=True)
+    err = float(np.abs(off.latents - on.latents).max())
+    print(f"\nguidance 1.0 (no CFG) vs 1.0001 (CFG): max latent diff {err:.1e}")
+    assert 0 < err <= 1e-3                                     # w -> 1 of CFG is the positive prompt alone
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(steps=0), "steps"), (dict(scheduler="euler"), "scheduler"), (dict(ans_mode="new"), "ans_mode"),
     (dict(added_noise_level=1000), "added_noise_level"), (dict(eta=0.5), "eta only applies"),

@@ -159,7 +159,12 @@ class _Placed(NamedTuple):
 
 
 class PASDPipeline:
-    """Compiled PASD sampling over a device mesh; see the module docstring."""
+    """Compiled PASD sampling over a device mesh; see the module docstring.
+
+    Params are cast to each requested dtype once and kept replicated on the mesh; pass host (numpy) params or
+    params already in the compute dtype, or the device also keeps the originals. `eps_fn_factory(modules)` builds
+    the guided noise estimate (ControlNet + UNet + CFG); tests swap in stand-ins before the first call.
+    """
 
     def __init__(self, models: Models, scheduler_config: Mapping[str, Any] | str | pathlib.Path,
                  tokenizer: Any, *, devices: Sequence[Any] | None = None):
@@ -212,11 +217,15 @@ class PASDPipeline:
             tree = {"unet": m.unet_params, "controlnet": m.controlnet_params, "vae": m.vae_params,
                     "text_encoder": m.text_encoder_params}
 
-            def cast(x):
-                x = jnp.asarray(x)
-                return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x
-            params = jax.jit(lambda t: jax.tree_util.tree_map(cast, t),
-                             out_shardings=sharding.replicated(self.mesh))(tree)
+            def needs_cast(x) -> bool:
+                return jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt
+
+            rep = sharding.replicated(self.mesh)
+            if any(needs_cast(x) for x in jax.tree_util.tree_leaves(tree)):
+                params = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x.astype(dt) if needs_cast(x) else x, t),
+                                 out_shardings=rep)(tree)
+            else:
+                params = jax.device_put(tree, rep)
             self._placed[dtype_name] = _Placed(modules, params)
         return self._placed[dtype_name]
 
@@ -315,8 +324,6 @@ class PASDPipeline:
         n_dev = self.mesh.size
         bp = sharding.round_up(max(b, int(pad_to or 0)), n_dev)
 
-        sched = self.scheduler(options.scheduler, options.steps, options.eta)
-        context = self.encode_prompts(prompts, negative_prompts, options.dtype, options.use_cfg)
         if draws is not None:
             drawn = self._check_draws(draws, b, latent_shape, options.init_noise, variance_steps)
             drawn = {k: sharding.pad_leading(v, bp) for k, v in drawn.items()}
@@ -329,6 +336,8 @@ class PASDPipeline:
                 raise ValueError(f"need one PRNG key per image: {b} images, keys of shape {keys.shape}")
             drawn = self._draws_from_keys(sharding.pad_leading(keys, bp), latent_shape, options.init_noise,
                                           variance_steps)
+        sched = self.scheduler(options.scheduler, options.steps, options.eta)
+        context = self.encode_prompts(prompts, negative_prompts, options.dtype, options.use_cfg)
         batch = sharding.batch_sharded(self.mesh)
         put = lambda x: jax.device_put(sharding.pad_leading(x, bp), batch)  # noqa: E731
         images_d, context_d = put(images), put(context)
