@@ -13,7 +13,6 @@ Pipeline (per source: record refs -> seed -> shuffle -> repeat; several sources 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -293,10 +292,3 @@ def count_summary(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
     out.update({f"converted/{k}": int(v) for k, v in zip(CONVERT_KINDS, conv, strict=True)})
     return out
 
-
-def state_to_json(state: Mapping[str, Any]) -> str:
-    return json.dumps(state)
-
-
-def state_from_json(text: str) -> dict[str, Any]:
-    return json.loads(text)

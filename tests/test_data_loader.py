@@ -48,6 +48,8 @@ def test_batch_contract_at_512(golden_dir):
 
 
 def test_zero_and_two_workers_identical_and_resumable():
+    """Also runs mp_prefetch outside absl.app (pytest): without the loader's absl workaround grain 0.2.18
+    raises UnparsedFlagAccessError here."""
     with make_train_iterator(CFG, **KW, num_workers=0, source=_src()) as it:
         ref = _take(it, 4)
     with make_train_iterator(CFG, **KW, num_workers=2, source=_src()) as it:

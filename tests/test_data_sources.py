@@ -201,3 +201,21 @@ def test_mixture_follows_weights_and_covers_each_epoch():
     assert sorted(ones[:100]) == list(range(100)) and sorted(ones[100:200]) == list(range(100))
     assert ones[:100] != ones[100:200]
     assert drawn[:500] == [refs[i] for i in range(500)]  # random access is deterministic
+
+
+def test_sources_from_config_specs(tmp_path):
+    from data_pipeline.loader import sources_from_config
+
+    (tmp_path / "a.png").write_bytes(_png(_image(0, 64)))
+    _write_shard(tmp_path / "s.tar", [("k.png", _png(_image(1, 64))), ("k.txt", b"cap")])
+    mix = sources_from_config([
+        {"kind": "folder", "path": str(tmp_path), "weight": 2.0},
+        {"kind": "tar", "shards": str(tmp_path / "*.tar"), "weight": 1.0},
+        {"kind": "procedural", "n": 5, "size": 32, "seed": 1},
+    ])
+    assert [type(s).__name__ for s in mix.sources] == ["FolderSource", "TarShardSource", "ProceduralSource"]
+    assert mix.weights == (2.0, 1.0, 1.0) and mix.sources[1][0]["caption"] == "cap"
+    with pytest.raises(ValueError, match="unknown source kind"):
+        sources_from_config([{"kind": "webdataset-url"}])
+    with pytest.raises(ValueError, match="no sources"):
+        sources_from_config([])
