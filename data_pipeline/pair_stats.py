@@ -16,6 +16,8 @@ from PIL import Image
 
 from data_pipeline.gt_prep import prepare_gt
 
+# Bump when a definition below changes: recorded reference statistics are only comparable at equal versions.
+STATS_VERSION = 2
 STAT_NAMES = ("psnr", "sharpness_ratio", "noise_residual", "colour_shift", "blockiness")
 _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 _RGB2YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)

@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 from data_pipeline.degradation import degrade
-from data_pipeline.pair_stats import STAT_NAMES, pair_stats, reference_crops
+from data_pipeline.pair_stats import STAT_NAMES, STATS_VERSION, pair_stats, reference_crops
 from data_pipeline.presets import PASD, REALESRGAN_X4PLUS, DegradationConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -111,6 +111,7 @@ def test_result_does_not_depend_on_blas_or_cv2_threads(tmp_path, examples):
 def _ks(examples, cfg, n, seed_base):
     ref = json.loads(OFFICIAL.read_text())
     assert ref["meta"]["n"] >= 200 and all(len(ref["stats"][k]) == ref["meta"]["n"] for k in STAT_NAMES)
+    assert ref["meta"]["stats_version"] == STATS_VERSION, "statistics changed: re-run tools/degradation_stats"
     ours = {k: [] for k in STAT_NAMES}
     for i, hq in enumerate(reference_crops(examples, n, seed=ref["meta"]["seed"])):
         lq = np.rint(degrade(hq, seed_base + i, cfg) * 255).astype(np.uint8)

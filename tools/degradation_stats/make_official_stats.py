@@ -42,7 +42,7 @@ def main() -> None:
     import cv2
     import torch
 
-    from data_pipeline.pair_stats import STAT_NAMES, pair_stats, reference_crops
+    from data_pipeline.pair_stats import STAT_NAMES, STATS_VERSION, pair_stats, reference_crops
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -70,7 +70,7 @@ def main() -> None:
     meta = {
         "what": "per-pair statistics of PASD's official degradation (degrade_process, resize_bak=True)",
         "pasd_commit": "yangxy/PASD@396f9ac",
-        "n": args.n, "seed": args.seed, "crops": "data_pipeline.pair_stats.reference_crops(examples, n, seed)",
+        "stats_version": STATS_VERSION, "n": args.n, "seed": args.seed, "crops": "data_pipeline.pair_stats.reference_crops(examples, n, seed)",
         "examples": "shared/examples (RealSRSet + Set5)",
         "torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
         "python": platform.python_version(), "seconds": round(elapsed, 1),
