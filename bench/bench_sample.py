@@ -2,9 +2,10 @@
 (ControlNet + PASD UNet), decode, wavelet colour fix, write PNGs. Random weights at SD1.5 (or tiny) sizes.
 
 Each case is `<output size>x<batch>` with optional `:t<latent tile>` (latent tiling with that tile size, in latent
-pixels), `:o<overlap>` (default 8) and `:vae=<auto|on|off>`. Reports seconds per image (median over repeats, the first call = compile + run reported
-apart), the sampler alone (`pipe.sample`) and the host work around it, and peak device memory. `--isolate` runs
-every case in a fresh process so each peak is that case's own (JAX's peak counter never resets).
+pixels), `:o<overlap>` (default 8) and `:vae=<auto|on|off>`. Reports seconds per image (median over repeats; the
+first call, compile + run, apart), the sampler alone (`pipe.sample`) and the host work around it, and peak device
+memory. `--isolate` runs every case in a fresh process so each peak is that case's own (JAX's peak counter never
+resets).
 
     python bench/bench_sample.py --model sd15 --dtype bfloat16 --cases 512x1 512x8 768x1 --isolate --out s1.json
     python bench/bench_sample.py --model sd15 --dtype bfloat16 --cases 768x4 2048x1 2048x1:t160 --isolate --out s2.json
@@ -28,8 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import ASSETS, emit, environment, load_config, peak_memory_bytes, random_params, time_fn  # noqa: E402
-from bench.common import dtype_of  # noqa: E402
+from bench.common import (ASSETS, dtype_of, emit, environment, load_config, peak_memory_bytes,  # noqa: E402
+                          random_params, time_fn)
 from pasd_jax import image_ops  # noqa: E402
 from pasd_jax.convert import abstract_params, build_module  # noqa: E402
 from pasd_jax.models import attention  # noqa: E402
@@ -187,7 +188,7 @@ def main() -> None:
             argv = [sys.executable, __file__, "--model", a.model, "--dtype", a.dtype_name, "--cases", c,
                     "--steps", str(a.steps), "--scheduler", a.scheduler, "--tile-batch", str(a.tile_batch),
                     "--repeats", str(a.repeats), "--attention", a.attention, "--init", a.init]
-            proc = subprocess.run(argv, capture_output=True, text=True)
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
             if proc.returncode:
                 results.append({"case": c, "error": proc.stderr[-2000:]})
                 continue

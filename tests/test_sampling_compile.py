@@ -188,7 +188,7 @@ def test_batch_sharded_over_8_devices_matches_golden(golden_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, str(script), str(golden_dir)], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
+                          cwd=REPO, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\n8 fake devices: {result}")

@@ -11,7 +11,8 @@ pair on one device; per-sample results do not depend on the batch order.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

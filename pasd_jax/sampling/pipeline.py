@@ -38,7 +38,8 @@ import collections
 import dataclasses
 import math
 import pathlib
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

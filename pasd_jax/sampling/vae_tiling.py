@@ -21,11 +21,14 @@ padding), and the tile's output is written into the full output with `dynamic_up
   rounding (summation order), which the tests check on the tiny VAE.
 
 Memory: at most about four full activations of the current level live at once (the block input kept for the
-residual, the padded conv input, the block output, the output of the previous pass), plus one tile's working set.
-For a 4096^2 bf16 decode the largest level (256 channels at 4096^2, 8.6 GB a tensor; 128 channels after the first
-resnet) peaks near 30 GB; a 2048^2 decode near 7 GB (both plus weights, and the UNet is not live at the same
-time). Untiled, XLA would additionally keep whole-image normalised/upsampled copies per layer. A 2048^2 output thus
-fits a 16 GB GPU and a 4096^2 output 80 GB.
+shortcut, the zero-padded conv input, the hidden tensor, the block output), plus one tile's working set (for the
+default decoder tile, a 1794^2 x 256 bf16 window and its 1792^2 conv output, about 2.4 GB at the top level). For
+a 4096^2 bf16 decode the worst point is the first 128-channel resnet: its 256-channel input (8.6 GB) and padded
+copy (8.6 GB) plus the 4.3 GB hidden tensor, about 24 GB with the tile; the encoder of a 4096^2 image peaks near
+15 GB (128 channels at full resolution). A 2048^2 decode needs a quarter, about 6 GB. Untiled, XLA would also keep
+whole-image normalised, activated and upsampled copies per layer (a 4096^2 x 256 upsample alone is 8.6 GB more).
+With the bf16 weights (about 3 GB: PASD UNet, ControlNet, VAE, text encoder) a 2048^2 output thus fits a 16 GB GPU and
+a 4096^2 output 80 GB.
 
 Tile sizes follow the official options: `encoder_tile` in image pixels, `decoder_tile` in latent pixels, scaled
 with each level's resolution; the last tile of each axis is pinned to the edge (overlapping tiles recompute the
@@ -37,7 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
