@@ -13,9 +13,7 @@ quantisation step folded into the matrices.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 
 import cv2
 import numpy as np
@@ -34,27 +32,24 @@ _RGB2YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -
 _YCC2RGB = np.array([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
 
 
-_BLAS_LOCK = threading.Lock()
+# Row chunk of the block GEMMs. OpenBLAS gives (slightly) different float results with different thread
+# counts, and rounding the DCT coefficients turns that into different pixels (about one image in six differed
+# between a 1-thread worker and a 2-thread main process). It never threads a GEMM with m*n*k below 4 * 65536,
+# so 32 x 64 x 64 products, stacked in one matmul call, run single-threaded wherever `degrade` is called:
+# results are then a pure function of the seed, with no global thread setting touched.
+GEMM_ROWS = 32
 
 
-@functools.lru_cache(maxsize=1)
-def _blas_controller():
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-@contextlib.contextmanager
-def single_thread_blas():
-    """Runs the block GEMMs on one BLAS thread, whatever the caller's setting.
-
-    OpenBLAS gives slightly different float results with different thread counts, and rounding the DCT
-    coefficients turns that into different pixels (about one image in six differed between a 1-thread
-    worker and a 2-thread main process): pinning one thread makes `degrade` a pure function of its seed.
-    The lock keeps concurrent callers from restoring the thread count under each other.
-    """
-    with _BLAS_LOCK, _blas_controller().limit(limits=1, user_api="blas"):
-        yield
+def _gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b for a tall float32 `a` (n x 64) and a 64 x 64 `b`, as single-threaded 32-row products."""
+    n = a.shape[0]
+    m = n - n % GEMM_ROWS
+    out = np.empty((n, b.shape[1]), np.float32)
+    if m:
+        np.matmul(a[:m].reshape(-1, GEMM_ROWS, a.shape[1]), b, out=out[:m].reshape(-1, GEMM_ROWS, b.shape[1]))
+    if m < n:
+        np.matmul(a[m:], b, out=out[m:])
+    return out
 
 
 def quality_to_factor(quality: float) -> float:
@@ -89,9 +84,9 @@ def _quantise_blocks(plane: np.ndarray, table: np.ndarray, factor: float) -> np.
     q = (table * factor).ravel()
     fwd = (t / q[None, :]).astype(np.float32)  # coefficients / step
     inv = (q[:, None] * t.T).astype(np.float32)  # step * coefficients -> pixels
-    coef = blocks @ fwd
+    coef = _gemm(blocks, fwd)
     np.rint(coef, out=coef)
-    out = coef @ inv
+    out = _gemm(coef, inv)
     return out.reshape(h // 8, w // 8, 8, 8).transpose(0, 2, 1, 3).reshape(h, w)
 
 
@@ -109,10 +104,9 @@ def diff_jpeg(img: np.ndarray, quality: float) -> np.ndarray:
     y, cb, cr = cv2.split(cv2.transform(x, ycc_m))
     cb = cv2.resize(cb, (W // 2, H // 2), interpolation=cv2.INTER_AREA)  # exact 2x2 means
     cr = cv2.resize(cr, (W // 2, H // 2), interpolation=cv2.INTER_AREA)
-    with single_thread_blas():
-        y = _quantise_blocks(y, LUMA_TABLE, factor)
-        cb = _quantise_blocks(cb, CHROMA_TABLE, factor)
-        cr = _quantise_blocks(cr, CHROMA_TABLE, factor)
+    y = _quantise_blocks(y, LUMA_TABLE, factor)
+    cb = _quantise_blocks(cb, CHROMA_TABLE, factor)
+    cr = _quantise_blocks(cr, CHROMA_TABLE, factor)
     cb = cv2.resize(cb, (W, H), interpolation=cv2.INTER_NEAREST)  # exact 2x replication
     cr = cv2.resize(cr, (W, H), interpolation=cv2.INTER_NEAREST)
     # back to RGB in [0, 1]: (luma + 128 + chroma terms) / 255

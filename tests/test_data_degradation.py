@@ -90,19 +90,32 @@ _BLAS1 = """
 import sys, numpy as np, cv2
 cv2.setNumThreads(1)
 from data_pipeline.degradation import degrade
+from data_pipeline.diffjpeg import diff_jpeg
 from data_pipeline.pair_stats import reference_crops
 crops = list(reference_crops(sys.argv[1], 6, seed=0, size=256))
 np.save(sys.argv[2], np.stack([degrade(c, 100 + i) for i, c in enumerate(crops)]))
+rng = np.random.default_rng(0)
+for i in range(4):
+    h, w = rng.integers(300, 700, 2)
+    np.save(sys.argv[2] + f".jpeg{i}.npy", diff_jpeg(rng.random((h, w, 3), dtype=np.float32), 60 + 10 * i))
 """
 
 
 def test_result_does_not_depend_on_blas_or_cv2_threads(tmp_path, examples):
+    """A plain (n x 64) @ (64 x 64) GEMM gives different pixels here with 1 and 2 OpenBLAS threads."""
+    from data_pipeline.diffjpeg import diff_jpeg
+
     out = tmp_path / "one_thread.npy"
     env = {"PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", _BLAS1, str(examples), str(out)], check=True, env=env, timeout=300)
     crops = list(reference_crops(examples, 6, seed=0, size=256))
     here = np.stack([degrade(c, 100 + i) for i, c in enumerate(crops)])  # default (multi-thread) BLAS here
     np.testing.assert_array_equal(np.load(out), here)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        h, w = rng.integers(300, 700, 2)
+        np.testing.assert_array_equal(np.load(str(out) + f".jpeg{i}.npy"),
+                                      diff_jpeg(rng.random((h, w, 3), dtype=np.float32), 60 + 10 * i))
 
 
 # --------------------------------------------------------------------------------------------- KS vs official
