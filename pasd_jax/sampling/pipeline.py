@@ -30,7 +30,11 @@ timesteps[0], added noise at the ANS level, DDIM variance noise), or (noise, off
 Precision: `dtype` casts all frozen params and the model compute; latents, the scheduler, the guidance arithmetic,
 norm statistics, softmax and the final convs stay fp32 (the official keeps fp16 latents; fp32 is strictly better).
 
-Devices: a 1-D mesh over all devices (or `devices=`); images (or tiles) are split over it, params replicated.
+Devices: a 1-D mesh over all devices (or `devices=`), params replicated. Untiled, the batch is padded to a multiple
+of the device count (copies of the last image, dropped) and split by image. Tiled, the unit of parallelism is the
+tile: every model call's chunk (`tile_batch` rounded up to the device count) is split over the devices, while the
+cheap whole-image work (VAE, blend, scheduler step) is replicated unless the batch divides evenly, so one large
+image uses every device without being duplicated.
 """
 from __future__ import annotations
 
@@ -151,7 +155,7 @@ class SampleResult(NamedTuple):
     latents: np.ndarray | None = None  # [steps, B, 4, h, w] latent after every step
     decoded: np.ndarray | None = None  # [B, 3, H, W] VAE output, unclamped
     tiled: bool = False                # took the latent-tiling path
-    devices: int = 1                   # devices the batch was split over
+    devices: int = 1                   # devices the images (untiled) or tile chunks (tiled) were split over
 
 
 class _Placed(NamedTuple):
@@ -249,8 +253,8 @@ class PASDPipeline:
         return jnp.stack([self.text.encode(negative_prompts, DTYPES[dtype]), pos], axis=1)
 
     def _draws_from_keys(self, keys: jax.Array, latent_shape: tuple[int, int, int], init_noise: bool,
-                         variance_steps: int) -> dict[str, jax.Array]:
-        key = ("draws", keys.shape, str(keys.dtype), latent_shape, init_noise, variance_steps)
+                         variance_steps: int, placement: Any) -> dict[str, jax.Array]:
+        key = ("draws", keys.shape, str(keys.dtype), latent_shape, init_noise, variance_steps, placement)
 
         def build():
             def draw(keys):
@@ -268,7 +272,7 @@ class PASDPipeline:
                         d["variance"] = jax.random.normal(k_d, (variance_steps,) + latent_shape, jnp.float32)
                     return d
                 return jax.vmap(one)(keys)
-            return jax.jit(draw, out_shardings=sharding.batch_sharded(self.mesh))
+            return jax.jit(draw, out_shardings=placement)
         return self._program(key, build)(keys)
 
     def _check_draws(self, draws: Mapping[str, Any], b: int, latent_shape: tuple[int, int, int], init_noise: bool,
@@ -323,7 +327,13 @@ class PASDPipeline:
         latent_shape = (self.latent_channels, hh // f, ww // f)
         variance_steps = options.steps if (options.scheduler == "ddim" and options.eta > 0) else 0
         n_dev = self.mesh.size
-        bp = sharding.round_up(max(b, int(pad_to or 0)), n_dev)
+        tiled = tiling.needs_tiling(hh // f, ww // f, options.latent_tile_size)
+        # Untiled, images are the parallel unit: pad the batch to a multiple of the device count. Tiled, tiles are
+        # (chunks of tile_batch, a multiple of it): whole-image arrays stay replicated and the batch unpadded.
+        bp = max(b, int(pad_to or 0))
+        if not tiled:
+            bp = sharding.round_up(bp, n_dev)
+        placement = sharding.batch_sharded(self.mesh) if bp % n_dev == 0 else sharding.replicated(self.mesh)
 
         if draws is not None:
             drawn = self._check_draws(draws, b, latent_shape, options.init_noise, variance_steps)
@@ -336,13 +346,12 @@ class PASDPipeline:
             if nk != b:
                 raise ValueError(f"need one PRNG key per image: {b} images, keys of shape {keys.shape}")
             drawn = self._draws_from_keys(sharding.pad_leading(keys, bp), latent_shape, options.init_noise,
-                                          variance_steps)
+                                          variance_steps, placement)
         sched = self.scheduler(options.scheduler, options.steps, options.eta)
         context = self.encode_prompts(prompts, negative_prompts, options.dtype, options.use_cfg)
-        batch = sharding.batch_sharded(self.mesh)
-        put = lambda x: jax.device_put(sharding.pad_leading(x, bp), batch)  # noqa: E731
+        put = lambda x: jax.device_put(sharding.pad_leading(x, bp), placement)  # noqa: E731
         images_d, context_d = put(images), put(context)
-        drawn = {k: jax.device_put(v, batch) for k, v in drawn.items()}
+        drawn = {k: jax.device_put(v, placement) for k, v in drawn.items()}
 
         if options.init_noise:
             ans = np.zeros(4, np.float32)
@@ -354,12 +363,12 @@ class PASDPipeline:
             options.guidance_scale, options.conditioning_scale, ans, options.offset_noise_scale)))
         vt = vae_tiling.resolve_vae_tiling(options.tiled_vae, hh, ww, options.vae_encoder_tile,
                                            options.vae_decoder_tile, f)
-        h, w = latent_shape[1:]
-        if tiling.needs_tiling(h, w, options.latent_tile_size):
+        if tiled:
             out = self._run_tiled(options, sched, vt, images_d, context_d, drawn, scalars, debug)
         else:
             out = self._run_untiled(options, sched, vt, images_d, context_d, drawn, scalars)
-        devices = len(out["images"].sharding.device_set)
+        split = out.get("split", out["images"]).sharding
+        devices = 1 if split.is_fully_replicated else len(split.device_set)
         crop = lambda x, axis=0: np.asarray(x).take(range(b), axis=axis)  # noqa: E731
         if not debug:
             return SampleResult(images=crop(out["images"]), tiled=out["tiled"], devices=devices)
@@ -452,7 +461,7 @@ class PASDPipeline:
         variance_steps = drawn["variance"].shape[1] if "variance" in drawn else 0
         mesh = self.mesh
         vae = placed.modules.vae
-        constrain = lambda x: sharding.constrain_batch(x, mesh)  # noqa: E731
+        constrain = lambda x: sharding.constrain_batch(x, mesh)  # noqa: E731  (tile chunks only)
         cond_dtype = DTYPES[options.dtype]
 
         def build_prepare():
@@ -461,7 +470,6 @@ class PASDPipeline:
                 cond = core.condition_image(images)
                 z0 = core.initial_latents(vae, params["vae"], cond, drawn, scalars, init_noise=options.init_noise,
                                           encoder_tile=vt.encoder_tile, init_noise_sigma=sched.init_noise_sigma)
-                z0 = constrain(z0)
                 cond_chunks, ctx_chunks = core.tile_inputs(cond, context, layout, chunk, cond_dtype)
                 return (z0, sched.init_carry(z0), tuple(map(constrain, core.latent_tiles(z0, layout, chunk))),
                         tuple(map(constrain, cond_chunks)), tuple(map(constrain, ctx_chunks)))
@@ -470,7 +478,7 @@ class PASDPipeline:
         def build_step():
             def step(carry, i, eps_chunks, variance):
                 self._traced("tiled_step")
-                carry, z_chunks = core.tiled_update(sched, layout, chunk, carry, i, eps_chunks, variance, constrain)
+                carry, z_chunks = core.tiled_update(sched, layout, chunk, carry, i, eps_chunks, variance)
                 return carry, tuple(map(constrain, z_chunks))
             return jax.jit(step)
 
@@ -502,7 +510,7 @@ class PASDPipeline:
             if debug:
                 inter.append(carry.sample)
         u8, decoded = finish(vae_params, carry.sample)
-        out = {"images": u8, "tiled": True}
+        out = {"images": u8, "tiled": True, "split": z_chunks[0]}
         if debug:
             out.update(z_n=z0, latents=jnp.stack(inter), decoded=decoded)
         return out

@@ -1,9 +1,10 @@
 """Data-parallel placement for sampling: a 1-D mesh over all devices, images (or tiles) on the `data` axis.
 
-Sampling has no cross-image interaction, so data parallelism is the whole story: params are replicated, every
-batch-leading array is split along `data`, and the compiled program runs unchanged on 1 CPU, 8 fake CPU devices
-or a GPU node. Batches are padded to a multiple of the device count with copies of their last element (dropped
-from the results), so each device gets an equal share and no image's result depends on its neighbours.
+Sampling has no cross-image (or, once cut, cross-tile) interaction, so data parallelism is the whole story: params
+are replicated, batch-leading arrays (images, or tile chunks) are split along `data`, and the compiled programs
+run unchanged on 1 CPU, 8 fake CPU devices or a GPU node. Batches are padded to a multiple of the device count
+with copies of their last element (dropped from the results), so each device gets an equal share and no image's
+result depends on its neighbours.
 """
 from __future__ import annotations
 
