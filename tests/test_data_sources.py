@@ -137,46 +137,6 @@ def test_tar_source_pickles_without_open_files(tmp_path):
     assert clone._fds == {} and clone[0]["image"] == src[0]["image"]
 
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-
-class PasdTinyPairs(tfds.core.GeneratorBasedBuilder):
-    """A toy image+caption dataset, prepared as ArrayRecord without TensorFlow."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-            {"image": tfds.features.Image(encoding_format="png"), "caption": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i in range(3):
-            yield i, {"image": _png(_image(i)), "caption": f"a picture number {i}"}
-
-
-def test_tfds_array_record_source(tmp_path, tokenizer_path):
-    import sys
-
-    builder = PasdTinyPairs(data_dir=str(tmp_path))
-    builder.download_and_prepare(file_format="array_record")
-    by_name = sources.TfdsSource("pasd_tiny_pairs", split="train", data_dir=str(tmp_path))
-    by_dir = sources.TfdsSource(builder_dir=builder.data_dir, split="train")
-    assert len(by_name) == len(by_dir) == 3
-    assert "tensorflow" not in sys.modules
-    recs = [by_name[i] for i in range(3)]
-    by_caption = {r["caption"]: r for r in recs}
-    assert set(by_caption) == {f"a picture number {i}" for i in range(3)}
-    assert isinstance(recs[0]["image"], bytes)
-    assert by_dir[1]["caption"] == recs[1]["caption"]
-    pairs = _pairs(by_name, tokenizer_path, 3)
-    for i in range(3):
-        k = int(recs[i]["caption"].rsplit(" ", 1)[1])
-        _check_pair(pairs[i], _image(k), recs[i]["caption"], tokenizer_path)
-
-
 def test_procedural_source_is_deterministic_and_captioned():
     a, b = sources.ProceduralSource(4, 96, seed=1), sources.ProceduralSource(4, 96, seed=1)
     r0, r1 = a[0], b[0]
