@@ -19,7 +19,13 @@ Programs and compilation
   The step loop is a Python loop: each step runs ceil(tiles / tile_batch) model calls of a few hundred ms, so
   dispatch costs nothing measurable, while keeping the loop in one `lax.scan` would tie the UNet's compilation
   to the image size. All tiles of all images in the batch go through the model in fixed-size chunks (the last
-  chunk is topped up with copies of the last tile, whose outputs are dropped).
+  chunk is topped up with copies of the last tile, whose outputs are dropped). `tile_batch` defaults to 2: one
+  320x320-latent tile with its CFG pair is already 2 x 25 times the work of a 512 image, which saturates a GPU, so
+  bigger chunks gain little and waste up to tile_batch - 1 tiles per image in the last chunk. Guidance is applied
+  per tile before blending (both are linear, so this equals the official order up to rounding). Only an image
+  narrower than T latent pixels gets a different tile side T' and hence a second model program.
+- The VAE (tiled above the official thresholds; exact, see `vae_tiling`) is part of the untiled program and of
+  the cheap per-size programs of the tiled path.
 - Every program lives in an explicit cache keyed by everything that changes its shapes or structure;
   `trace_counts` counts traces per program kind (`trace_count` is their sum), which the tests check.
 
