@@ -17,7 +17,8 @@ class EchoSampler:
     def __init__(self):
         self.calls = []
 
-    def sample(self, images, prompts, negative_prompts, keys, options):
+    def sample(self, images, prompts, negative_prompts, keys, options, pad_to=None):
+        assert pad_to is None or pad_to >= len(images)
         self.calls.append((images.shape, list(prompts), list(negative_prompts)))
         offsets = [int(jax.random.randint(k, (), 0, 50)) for k in keys]
         return np.stack([np.clip(img.astype(np.int32) + o, 0, 255).astype(np.uint8)
@@ -157,10 +158,10 @@ def test_batches_group_same_processed_size(tmp_path):
 
 def test_a_failing_batch_does_not_stop_the_run(tmp_path):
     class Flaky(EchoSampler):
-        def sample(self, images, *a):
+        def sample(self, images, *a, **kw):
             if images.shape[1] == 80:
                 raise ValueError("device out of memory")
-            return super().sample(images, *a)
+            return super().sample(images, *a, **kw)
 
     src = tmp_path / "in"
     src.mkdir()

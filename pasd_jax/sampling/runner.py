@@ -28,7 +28,7 @@ COLOR_FIXES = ("wavelet", "adain", "none")
 
 class Sampler(Protocol):
     def sample(self, images_u8: np.ndarray, prompts: Sequence[str], negative_prompts: Sequence[str],
-               keys: jax.Array, options) -> np.ndarray: ...
+               keys: jax.Array, options, *, pad_to: int | None = None) -> np.ndarray: ...
 
 
 PromptFn = Callable[[Image.Image, str], str]
@@ -161,8 +161,9 @@ def _run_batch(sampler, options, batch: list[_Item], settings: RunSettings, prom
     try:
         images = np.stack([lq for _, _, lq, _ in ready])
         keys = jax.numpy.stack([image_key(settings.seed, item.rel) for item, _, _, _ in ready])
+        # A short batch is padded to the batch size: reusing the compiled program beats compiling a new one.
         outs = sampler.sample(images, [p for *_, p in ready], [settings.negative_prompt] * len(ready), keys,
-                              options)
+                              options, pad_to=settings.batch_size)
     except Exception as e:  # noqa: BLE001 - a failing batch must not end the run
         msg = f"sampling failed: {type(e).__name__}: {e}"
         if not isinstance(e, (ValueError, MemoryError)):
