@@ -55,11 +55,12 @@ class VAEMidBlock(nn.Module):
         return ResnetBlock2D(self.channels, self.groups, VAE_EPS, name="resnets_1", **kw)(x, None)
 
 
-class EncoderBlock(nn.Module):
+class ResnetStack(nn.Module):
+    """`DownEncoderBlock2D` / `UpDecoderBlock2D`: resnets without time embedding, then an optional resampler."""
     channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None = None  # "down" (right/bottom pad + stride-2 conv), "up" (nearest x2 + conv) or None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -68,25 +69,9 @@ class EncoderBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, name=f"resnets_{i}", **kw)(x, None)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.channels, padding=0, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class DecoderBlock(nn.Module):
-    channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for i in range(self.num_layers):
-            x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, name=f"resnets_{i}", **kw)(x, None)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
         return x
 
@@ -102,8 +87,8 @@ class Encoder(nn.Module):
         ch = cfg.block_out_channels
         x = Conv(ch[0], name="conv_in", **kw)(x)
         for i, c in enumerate(ch):
-            x = EncoderBlock(c, cfg.layers_per_block, cfg.norm_num_groups, i < len(ch) - 1,
-                             name=f"down_blocks_{i}", **kw)(x)
+            x = ResnetStack(c, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < len(ch) - 1 else None,
+                            name=f"down_blocks_{i}", **kw)(x)
         x = VAEMidBlock(ch[-1], cfg.norm_num_groups, name="mid_block", **kw)(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, VAE_EPS, name="conv_norm_out", **kw)(x))
         return Conv(2 * cfg.latent_channels, name="conv_out", **kw)(x)
@@ -121,8 +106,8 @@ class Decoder(nn.Module):
         x = Conv(ch[0], name="conv_in", **kw)(z)
         x = VAEMidBlock(ch[0], cfg.norm_num_groups, name="mid_block", **kw)(x)
         for i, c in enumerate(ch):
-            x = DecoderBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(ch) - 1,
-                             name=f"up_blocks_{i}", **kw)(x)
+            x = ResnetStack(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < len(ch) - 1 else None,
+                            name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, VAE_EPS, name="conv_norm_out", **kw)(x))
         return Conv(cfg.out_channels, name="conv_out", dtype=jnp.float32, param_dtype=self.param_dtype)(
             x.astype(jnp.float32))
