@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pasd_jax.convert import abstract_params, build_module, from_pytorch, init_params, to_pytorch
+from pasd_jax.convert import abstract_params, build_module, from_pytorch, to_pytorch
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
 from pasd_jax.convert.io import read_json
 from pasd_jax.models.blocks import PLAIN
@@ -120,6 +120,17 @@ def load_frozen(models: Models, base: Mapping[str, str], trainable: tuple[str, .
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(module):
+    return jax.jit(lambda key: module.init(key, *module.dummy_inputs())["params"])
+
+
+def random_params(module, key: jax.Array) -> Tree:
+    """Fresh params as host numpy arrays; the jitted init is kept per module, so a second run in the same process
+    (tests, notebooks) does not compile it again."""
+    return to_numpy(_jitted_init(module)(key))
+
+
 @functools.lru_cache(maxsize=32)
 def abstract(module) -> Tree:
     """Parameter shapes of a module (cached: tracing an SD-size init takes seconds)."""
@@ -140,17 +151,17 @@ def fresh_start(config, models: Models, configs: Mapping[str, dict],
         unet, controlnet, base = _from_pasd(config, models)
         frozen = load_frozen(models, base, names, unet=unet)
         return {CONTROLNET: controlnet, UNET: partition.split_unet(unet, names)[0]}, frozen, base
-    unet_init = to_numpy(init_params(models.unet, k_unet))
+    unet_init = random_params(models.unet, k_unet)
     paca, random_sd = partition.split_unet(unet_init, names)
     if mc.base:
         base = {k: str(pathlib.Path(mc.base) / k) for k in BASE_KINDS}
         frozen = load_frozen(models, base, names)
     else:
-        frozen = {UNET: random_sd, VAE: to_numpy(init_params(models.vae, k_vae)),
-                  TEXT_ENCODER: to_numpy(init_params(models.text_encoder, k_text))}
+        frozen = {UNET: random_sd, VAE: random_params(models.vae, k_vae),
+                  TEXT_ENCODER: random_params(models.text_encoder, k_text)}
         base = write_base(models, configs, frozen, pathlib.Path(workdir) / "base")
     unet = partition.merge(frozen[UNET], paca)
-    controlnet = to_numpy(controlnet_params_from_unet(unet, init_params(models.controlnet, k_cn)))
+    controlnet = to_numpy(controlnet_params_from_unet(unet, random_params(models.controlnet, k_cn)))
     return {CONTROLNET: controlnet, UNET: paca}, frozen, base
 
 

@@ -1,8 +1,8 @@
 """One PASD optimizer step as a pure function: (state, frozen params, batch) -> (state, metrics).
 
 Inside one jit: for each of the `grad_accum` micro-batches, VAE-encode the GT and draw the posterior sample, the
-noise, the timestep and the null-caption mask from keys folded from (run key, step, micro-batch index); encode the
-text; run ControlNet + UNet; take gradients of the trainable params only. The averaged gradients go through the
+noise, the timestep and the null-caption mask from per-sample keys folded from (run key, step, sample position);
+encode the text; run ControlNet + UNet; take gradients of the trainable params only. The averaged gradients go through the
 optax chain (clip 1.0 -> AdamW). Randomness depends only on the step number, so a resumed run draws exactly what an
 uninterrupted one draws. `draw_inputs` and `forward_losses` are separate so tests can inject the model inputs.
 """
@@ -58,25 +58,27 @@ def forward_losses(trainable: Mapping, frozen_unet: Mapping, models: Models, x: 
     return pasd_loss(pred, x.target, rgbs, x.gt, diffusion.dr_weight)
 
 
-def draw_inputs(frozen: Mapping, models: Models, batch: Mapping[str, jax.Array], key: jax.Array,
+def draw_inputs(frozen: Mapping, models: Models, batch: Mapping[str, jax.Array], keys: jax.Array,
                 diffusion: Diffusion) -> StepInputs:
-    """Frozen half of the step: uint8 NHWC images + token ids -> noisy latents, text states and targets."""
-    k_post, k_noise, k_t, k_null = jax.random.split(key, 4)
+    """Frozen half of the step: uint8 NHWC images + token ids -> noisy latents, text states and targets.
+
+    `keys` holds one PRNG key per sample: what a sample draws (posterior noise, epsilon, t, null caption) does
+    not depend on how the batch is split into micro-batches or over devices."""
+    sample = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
     gt = jnp.transpose(batch["hq"], (0, 3, 1, 2)).astype(jnp.float32) * (2.0 / 255.0) - 1.0
     cond = jnp.transpose(batch["lq"], (0, 3, 1, 2)).astype(jnp.float32) / 255.0
     mean, logvar = models.vae.apply({"params": frozen[VAE]}, gt, method=models.vae.encode)
-    latents = sample_posterior(mean, logvar, jax.random.normal(k_post, mean.shape, jnp.float32))
-    latents = latents * models.vae.config.scaling_factor
-    b = latents.shape[0]
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    normal = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))
+    latents = sample_posterior(mean, logvar, normal(sample[:, 0])) * models.vae.config.scaling_factor
+    noise = normal(sample[:, 1])
     abar = jnp.asarray(np.asarray(diffusion.alphas_cumprod, np.float32))
-    t = jax.random.randint(k_t, (b,), 0, abar.shape[0], jnp.int32)
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, abar.shape[0], jnp.int32))(sample[:, 2])
     sa = jnp.sqrt(abar[t])[:, None, None, None]
     so = jnp.sqrt(1.0 - abar[t])[:, None, None, None]
     noisy = sa * latents + so * noise
     target = noise if diffusion.prediction_type == "epsilon" else sa * noise - so * latents
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
-    null = jax.random.uniform(k_null, (b,)) < diffusion.null_text_ratio
+    null = jax.vmap(lambda k: jax.random.uniform(k, ()))(sample[:, 3]) < diffusion.null_text_ratio
     ids = jnp.where(null[:, None], jnp.asarray(diffusion.null_ids, jnp.int32)[None, :], ids)
     ehs = models.text_encoder.apply({"params": frozen[TEXT_ENCODER]}, ids)
     return StepInputs(noisy, t, ehs, cond, gt, target)
@@ -120,32 +122,37 @@ def make_train_step(models: Models, diffusion: Diffusion, tx: optax.GradientTran
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro(params, frozen, batch, key):
-        x = draw_inputs(frozen, models, batch, key, diffusion)
+    def micro(params, frozen, batch, keys):
+        x = draw_inputs(frozen, models, batch, keys, diffusion)
         (loss, terms), grads = grad_fn(params, frozen[UNET], x)
         return grads, {"loss": loss, **terms}
 
     def step(state: State, frozen: Mapping, batch: Mapping) -> tuple[State, dict]:
         params = state["params"]
         key = jax.random.fold_in(state["rng"], state["step"])
-        accum = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        accum, micro_batch = jax.tree_util.tree_leaves(batch)[0].shape[:2]
+        # One key per sample of the step, by position: the same draws for any grad_accum split and any mesh.
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(accum * micro_batch))
+        keys = keys.reshape(accum, micro_batch, *keys.shape[1:])
         if accum == 1:
-            grads, metrics = micro(params, frozen, jax.tree_util.tree_map(lambda a: a[0], batch),
-                                   jax.random.fold_in(key, 0))
+            grads, metrics = micro(params, frozen, jax.tree_util.tree_map(lambda a: a[0], batch), keys[0])
         else:
+            # Micro-batch by micro-batch (frozen encode included), so peak memory is that of one micro-batch.
+            # XLA:CPU runs weight-gradient convolutions inside a while loop ~100x slower than outside one, so
+            # on CPU (tests, demos) the loop is unrolled.
             def body(carry, xs):
-                mb, i = xs
-                g, m = micro(params, frozen, mb, jax.random.fold_in(key, i))
-                return jax.tree_util.tree_map(jnp.add, carry, (g, m)), None
-            zeros = jax.eval_shape(lambda: micro(params, frozen, jax.tree_util.tree_map(lambda a: a[0], batch),
-                                                 key))
-            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-            (grads, metrics), _ = jax.lax.scan(body, zeros, (batch, jnp.arange(accum)))
+                out = micro(params, frozen, *xs)
+                return jax.tree_util.tree_map(jnp.add, carry, out), None
+            first = jax.tree_util.tree_map(lambda a: a[0], (batch, keys))
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                           jax.eval_shape(lambda: micro(params, frozen, *first)))
+            (grads, metrics), _ = jax.lax.scan(body, zeros, (batch, keys),
+                                               unroll=accum if jax.default_backend() == "cpu" else 1)
             grads, metrics = jax.tree_util.tree_map(lambda a: a / accum, (grads, metrics))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
                "rng": state["rng"]}
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
                    "lr": jnp.asarray(schedule(state["step"]), jnp.float32)}
         if return_grads:
             metrics["grads"] = grads

@@ -1,0 +1,20 @@
+"""train.py as a command: a bad config value fails fast with a message and exit status 1, nothing written."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bad_config_exits_with_message(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny.py"),
+                           "--workdir", str(tmp_path / "run"), "--config.mesh.data=3"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    print(proc.stderr[-500:])
+    assert proc.returncode == 1
+    assert "error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices but there are 1" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,197 @@
+"""The training loop on one CPU device with the tiny models and the procedural data pipeline: exact resume after
+SIGTERM, the NaN guard, the frozen/trainable split, checkpoint safety, and restore_for_export."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from pasd_jax.convert import from_pytorch, load_pasd_checkpoint
+from pasd_jax.convert.io import load_safetensors, save_safetensors
+from pasd_jax.train import checkpoint as ckpt_lib
+from pasd_jax.train import data as data_lib
+from pasd_jax.train import loop, partition, setup
+from pasd_jax.train.metrics import read_metrics
+from pasd_jax.train.validate import ConfigError
+
+STEPS = 4
+
+
+def config(**overrides):
+    c = tiny.get_config()
+    c.steps, c.checkpoint_every, c.log_every, c.progress = STEPS, 2, 1, False
+    c.loader.num_workers = 0
+    for key, value in overrides.items():
+        *parents, leaf = key.split("__")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+class Recorder:
+    """Wraps the real loader: records a hash of every batch; optionally SIGTERMs this process on batch `kill_at`."""
+
+    def __init__(self, it, log: list[str], kill_at: int | None = None):
+        self.it, self.log, self.kill_at = it, log, kill_at
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.log.append(hashlib.sha1(b"".join(np.asarray(batch[k]).tobytes()
+                                              for k in data_lib.MODEL_KEYS)).hexdigest())
+        if len(self.log) == self.kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+    def close(self):
+        self.it.close()
+
+
+def recording(log, kill_at=None):
+    return lambda *a, **kw: Recorder(data_lib.make_iterator(*a, **kw), log, kill_at)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    starts = []
+    real_fresh_start = setup.fresh_start
+
+    def spy(*a, **kw):
+        out = real_fresh_start(*a, **kw)
+        starts.append(out)
+        return out
+
+    hashes = {"a": [], "b": []}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(setup, "fresh_start", spy)
+        a = loop.train(config(), root / "a", make_iterator=recording(hashes["a"]))
+        b1 = loop.train(config(), root / "b", make_iterator=recording(hashes["b"], kill_at=STEPS // 2))
+    b2 = loop.train(config(), root / "b", make_iterator=recording(hashes["b"]))
+    return {"root": root, "a": a, "b1": b1, "b2": b2, "hashes": hashes, "initial": starts[0]}
+
+
+def test_resume_after_sigterm_is_exact(runs):
+    a, b1, b2 = runs["a"], runs["b1"], runs["b2"]
+    assert (a.status, a.step) == ("finished", STEPS)
+    assert (b1.status, b1.step) == ("preempted", STEPS // 2)
+    assert (b2.status, b2.step) == ("finished", STEPS)
+    root = runs["root"]
+    assert runs["hashes"]["a"] == runs["hashes"]["b"], "data order differs after resume"
+    la, lb = read_metrics(root / "a"), read_metrics(root / "b")
+    print("losses straight:", [la[s]["loss"] for s in range(1, STEPS + 1)],
+          "interrupted + resumed:", [lb[s]["loss"] for s in range(1, STEPS + 1)])
+    assert [la[s]["loss"] for s in range(1, STEPS + 1)] == [lb[s]["loss"] for s in range(1, STEPS + 1)]
+    pa = ckpt_lib.restore_for_export(root / "a")
+    pb = ckpt_lib.restore_for_export(root / "b")
+    for kind in ("unet", "controlnet"):
+        fa, fb = partition.flatten(pa[kind][1]), partition.flatten(pb[kind][1])
+        assert fa.keys() == fb.keys()
+        unequal = [k for k in fa if not np.array_equal(fa[k], fb[k])]
+        assert not unequal, unequal[:5]
+
+
+def test_frozen_base_unchanged_trainable_changed(runs):
+    root = runs["root"]
+    trainable0, frozen0, _ = runs["initial"]
+    exported = load_pasd_checkpoint(root / "a" / "export" / f"checkpoint-{STEPS}")
+    paca, sd = partition.split_unet(exported["unet"][1])
+    base = partition.flatten(from_pytorch(root / "a" / "base" / "unet")[1])
+    sd = partition.flatten(sd)
+    assert sd.keys() == base.keys() == partition.flatten(frozen0["unet"]).keys()
+    assert all(np.array_equal(np.asarray(sd[k]), np.asarray(base[k])) for k in sd), "frozen SD weights moved"
+    for kind, now in (("unet", paca), ("controlnet", exported["controlnet"][1])):
+        before, after = partition.flatten(trainable0[kind]), partition.flatten(now)
+        same = [k for k in before if np.array_equal(np.asarray(before[k]), np.asarray(after[k]))]
+        print(f"{kind}: {len(before) - len(same)} of {len(before)} trainable tensors changed")
+        assert not same, same[:5]
+
+
+def test_restore_for_export(runs, tmp_path):
+    root = runs["root"]
+    got = ckpt_lib.restore_for_export(root / "a" / "checkpoints", step=STEPS // 2)
+    meta = got["metadata"]
+    assert meta["step"] == STEPS // 2 and meta["variant"] == "pasd"
+    assert meta["base"]["unet"] == str(root / "a" / "base" / "unet")
+    unet_m, unet_p = got["unet"]
+    assert unet_m.variant == "pasd" and unet_m.dtype == jnp.float32
+    assert partition.flatten(unet_p).keys() == partition.flatten(setup.abstract(unet_m)).keys()
+    ckpt_lib.export_pytorch(got["unet"], got["controlnet"], tmp_path / "release")
+    back = load_pasd_checkpoint(tmp_path / "release")
+    for kind in ("unet", "controlnet"):
+        want, have = partition.flatten(got[kind][1]), partition.flatten(back[kind][1])
+        assert want.keys() == have.keys()
+        assert all(np.array_equal(np.asarray(want[k]), np.asarray(have[k])) for k in want)
+
+
+def test_metrics_and_events(runs):
+    root = runs["root"] / "a"
+    rows = read_metrics(root)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    want = {"loss", "mse", "dr_l1_0", "dr_l1_1", "dr_l1_2", "lr", "grad_norm", "samples_per_s",
+            "skipped/corrupt", "converted/gray"}
+    assert want <= set(rows[1]), set(rows[1])
+    assert rows[1]["lr"] == pytest.approx(1e-4)
+    assert list((root / "tb").glob("events.out.tfevents.*"))
+    assert ckpt_lib.Checkpoints(root / "checkpoints", read_only=True).all_steps() == [2, 4]
+
+
+def test_nan_guard_keeps_last_good_checkpoint(runs, tmp_path):
+    """A NaN in the frozen VAE makes step 5's loss NaN: the run stops with a message naming the last good
+    checkpoint, and nothing from the bad state is written."""
+    run = tmp_path / "nan"
+    shutil.copytree(runs["root"] / "a", run)
+    weights = run / "base" / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_safetensors(weights)
+    key = next(k for k in tensors if k.startswith("encoder.conv_in.weight"))
+    tensors[key] = np.full_like(tensors[key], np.nan)
+    save_safetensors(tensors, weights)
+    with pytest.raises(loop.NonFiniteLossError) as err:
+        loop.train(config(steps=STEPS + 2), run)
+    print(err.value)
+    assert f"at step {STEPS + 1}" in str(err.value)
+    assert f"the last good checkpoint is step {STEPS}" in str(err.value)
+    assert ckpt_lib.Checkpoints(run / "checkpoints", read_only=True).latest_step() == STEPS
+    assert max(read_metrics(run)) == STEPS
+    params = ckpt_lib.restore_for_export(run)
+    assert all(np.isfinite(v).all() for v in partition.flatten(params["controlnet"][1]).values())
+
+
+def test_partial_and_failed_saves_keep_the_last_good_checkpoint(runs, tmp_path):
+    run = tmp_path / "partial"
+    shutil.copytree(runs["root"] / "a", run)
+    ckdir = run / "checkpoints"
+    (ckdir / f"{STEPS + 2}.orbax-checkpoint-tmp-1234" / "params").mkdir(parents=True)  # an interrupted save
+    ck = ckpt_lib.Checkpoints(ckdir)
+    assert ck.latest_step() == STEPS
+    state = {"step": jnp.int32(STEPS + 4), "params": {"w": jnp.ones(3)}, "opt_state": {}, "rng": jnp.zeros(2)}
+    with pytest.raises(TypeError, match="JSON serializable"):
+        ck.save(state, data_state={"bad": object()}, meta={}, wait=True)
+    ck.close()
+    ck = ckpt_lib.Checkpoints(ckdir, read_only=True)
+    print("steps after a failed save:", ck.all_steps(), sorted(p.name for p in ckdir.iterdir()))
+    assert ck.latest_step() == STEPS and ck.all_steps() == [2, 4]
+    assert ckpt_lib.restore_for_export(run)["metadata"]["step"] == STEPS
+
+
+def test_resume_refuses_another_loader_worker_count(runs, tmp_path):
+    run = tmp_path / "workers"
+    shutil.copytree(runs["root"] / "a", run)
+    with pytest.raises(ConfigError, match="resume with --config.loader.num_workers=0"):
+        loop.train(config(steps=STEPS + 2, loader__num_workers=2), run)
