@@ -6,7 +6,8 @@ import functools
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from pasd_jax.convert import load_pasd_checkpoint

@@ -92,7 +92,7 @@ def mesh_run(setting, cache_dir, two_processes):
     root, overrides = setting
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "train_mesh_worker.py"), json.dumps(overrides),
                            str(root / "worker")], capture_output=True, text=True, env=subprocess_env(8, cache_dir),
-                          cwd=REPO, timeout=900)
+                          cwd=REPO, timeout=900, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-5000:]
     print(proc.stderr[-1500:])

@@ -5,7 +5,6 @@ devices, compared with one device. Prints one JSON line with the measured differ
 """
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -18,14 +17,14 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from configs import tiny  # noqa: E402
-from pasd_jax.train import checkpoint as ckpt_lib  # noqa: E402
-from pasd_jax.train import data as data_lib  # noqa: E402
-from pasd_jax.train import layout as layout_lib  # noqa: E402
-from pasd_jax.train import loop, partition, setup, sharding  # noqa: E402
+from configs import tiny
+from pasd_jax.train import checkpoint as ckpt_lib
+from pasd_jax.train import data as data_lib
+from pasd_jax.train import layout as layout_lib
+from pasd_jax.train import loop, partition, setup, sharding
 
 STEPS, EXTRA = 3, 2
 MESHES = {"1": (1, 1), "8x1": (8, 1), "2x4": (2, 4), "1x8": (1, 8)}
@@ -71,7 +70,7 @@ class Runner:
         c = self.config
         configs = setup.model_config_dicts(c.model)
         self.models = setup.build_models(configs, c.model.variant)
-        self.diffusion = loop.make_diffusion(c, self.models)
+        self.diffusion = loop.make_diffusion(c)
         self.optim = layout_lib.freeze(c.optim)
         self.rules = tuple((r, tuple(a)) for r, a in c.sharding.rules)
         self.trainable, self.frozen_np, _ = setup.fresh_start(c, self.models, configs, workdir / "fresh")
@@ -94,7 +93,7 @@ class Runner:
         state = layout_lib.create_state(lay, self.trainable, self.optim, jax.random.PRNGKey(c.seed))
         frozen = sharding.put(self.frozen_np, lay.frozen_sh)
         it = data_lib.make_iterator(c, process_index=0, process_count=1, vocab_size=49408)
-        step = lambda st: fn(st, frozen, data_lib.to_global(next(it), accum, c.data.crop_size,  # noqa: E731
+        step = lambda st: fn(st, frozen, data_lib.to_global(next(it), accum, c.data.crop_size,
                                                             lay.batch_sh))
         return lay, state, it, step
 
@@ -121,9 +120,6 @@ class Runner:
 def main(overrides: dict, workdir: pathlib.Path) -> dict:
     runner = Runner(overrides, workdir)
     log("fresh start")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL: use both cores
-        list(pool.map(lambda a: runner.compiled(*a), [(*m, 1) for m in MESHES.values()] + [(1, 1, 2)]))
-    log("compiled")
     runs = {}
     for name, (data, fsdp) in MESHES.items():
         runs[name], state, it, step = runner.run(data, fsdp)

@@ -8,4 +8,4 @@ from pasd_jax.train.checkpoint import export_pytorch, restore_for_export
 from pasd_jax.train.loop import NonFiniteLossError, RunResult, train
 from pasd_jax.train.validate import ConfigError
 
-__all__ = ["train", "RunResult", "NonFiniteLossError", "ConfigError", "restore_for_export", "export_pytorch"]
+__all__ = ["ConfigError", "NonFiniteLossError", "RunResult", "export_pytorch", "restore_for_export", "train"]

@@ -15,7 +15,8 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,10 +37,10 @@ class DataStateHandler(ocp.CheckpointHandler):
     def _file(directory) -> Any:
         return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-    def save(self, directory, args: "DataSave") -> None:
+    def save(self, directory, args: DataSave) -> None:
         self._file(directory).write_text(json.dumps(args.state))
 
-    def restore(self, directory, args: "DataRestore | None" = None) -> Any:
+    def restore(self, directory, args: DataRestore | None = None) -> Any:
         path = self._file(directory)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the checkpoint was written by a different number of "

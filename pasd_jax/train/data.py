@@ -6,11 +6,11 @@ which become this host's rows of the global batch. Null captions are drawn in th
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
-
-import numpy as np
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
+import numpy as np
 
 from pasd_jax.train import sharding as shd
 
@@ -47,7 +47,7 @@ class SyntheticIterator:
         ids[0], ids[1:n + 1] = BOS, rng.integers(0, min(BOS, self.vocab), n)
         return {"hq": hq, "lq": np.clip(lq, 0, 255).astype(np.uint8), "input_ids": ids}
 
-    def __iter__(self) -> "SyntheticIterator":
+    def __iter__(self) -> SyntheticIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:

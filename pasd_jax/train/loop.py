@@ -13,7 +13,8 @@ import math
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
@@ -58,21 +59,21 @@ def init_distributed(dc) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def null_ids(tokenizer_path: str, max_length: int) -> tuple[int, ...]:
-    """Token ids of the empty caption, exactly as the loader tokenises captions (padding to max_length)."""
-    from transformers import CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(tokenizer_path)
-    return tuple(int(i) for i in tok("", padding="max_length", max_length=max_length, truncation=True).input_ids)
+def null_ids(tokenizer_path: str) -> tuple[int, ...]:
+    """Token ids of the empty caption, made by the loader's own tokenize (so they match real captions)."""
+    from data_pipeline.gt_prep import load_tokenizer, tokenize
+    return tuple(int(i) for i in tokenize(load_tokenizer(tokenizer_path), ""))
 
 
-def make_diffusion(config, models: setup.Models) -> Diffusion:
+def make_diffusion(config) -> Diffusion:
+    """The DDPM training schedule (from the SD scheduler config) and the conditioning rules of the config."""
     sched = effective_config(load_config(config.diffusion.scheduler), "ddim")
     if sched["prediction_type"] not in ("epsilon", "v_prediction"):
         raise ConfigError(f"{config.diffusion.scheduler}: prediction_type {sched['prediction_type']!r} is not "
                           "supported for training (epsilon or v_prediction)")
     abar = alphas_cumprod_from_betas(make_betas(sched))
     return Diffusion(alphas_cumprod=tuple(float(a) for a in abar),
-                     null_ids=null_ids(config.loader.tokenizer, models.text_encoder.config.max_position_embeddings),
+                     null_ids=null_ids(config.loader.tokenizer),
                      null_text_ratio=float(config.diffusion.null_text_ratio),
                      prediction_type=sched["prediction_type"], dr_weight=float(config.diffusion.dr_loss_weight),
                      conditioning_scale=float(config.model.conditioning_scale))
@@ -90,7 +91,7 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> Self:
         for s in (signal.SIGTERM, signal.SIGINT):
             self.previous[s] = signal.signal(s, self._handler)
         return self
@@ -126,6 +127,55 @@ def _check_resume(meta: Mapping[str, Any], config) -> None:
                           f"{jax.process_count()}: each host's loader state belongs to its data shard")
 
 
+@dataclasses.dataclass
+class _Run:
+    """Everything a run needs before its first step."""
+    configs: dict[str, dict]
+    models: setup.Models
+    layout: layout_lib.Layout
+    step_fn: Any
+    state: dict
+    frozen: dict
+    base: dict[str, str]
+    meta: dict[str, Any]
+    data_state: Any
+    latest: int | None
+
+
+def _prepare(config, workdir: pathlib.Path, ckpts: ckpt_lib.Checkpoints) -> _Run:
+    """Models, mesh layout, state (fresh, or restored into this mesh) and the compiled step."""
+    dtype = jnp.dtype(config.model.compute_dtype)
+    names = tuple(config.model.trainable)
+    latest = ckpts.latest_step()
+    previous = ckpts.metadata(latest) if latest is not None else None
+    if previous is not None:
+        _check_resume(previous, config)
+    configs = previous["model_configs"] if previous else setup.model_config_dicts(config.model)
+    models = setup.build_models(configs, config.model.variant, dtype, bool(config.model.remat))
+    optim = layout_lib.freeze(config.optim)
+    rules = tuple((str(r), tuple(a)) for r, a in config.sharding.rules)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    layout = layout_lib.make_layout(models, names, dtype.name, optim, mesh, rules, int(config.sharding.min_size))
+    data_state = None
+    if previous is None:
+        trainable, frozen, base = setup.fresh_start(config, models, configs, workdir)
+        _sync("pasd_base_written")
+        state = layout_lib.create_state(layout, trainable, optim, jax.random.PRNGKey(int(config.seed)))
+    else:
+        base = ckpt_lib.resolve_base(previous["base"], workdir)
+        frozen = setup.load_frozen(models, base, names)
+        state, data_state, _ = ckpts.restore(latest, layout.abstract_state())
+    frozen = sharding.put(setup.cast(frozen, dtype), layout.frozen_sh)
+    accum = int(config.grad_accum)
+    step_fn = layout_lib.compile_step(models, make_diffusion(config), layout, optim,
+                                      (accum, int(config.batch_size) // accum, int(config.data.crop_size)))
+    meta = {"variant": models.variant, "config": config.to_json_best_effort(), "model_configs": configs,
+            "base": ckpt_lib.relative_base(base, workdir), "trainable": list(names),
+            "num_workers": int(config.loader.num_workers), "process_count": jax.process_count(),
+            "mesh": dict(mesh.shape), "jax_version": jax.__version__}
+    return _Run(configs, models, layout, step_fn, state, frozen, base, meta, data_state, latest)
+
+
 def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory | None = None) -> RunResult:
     """Train (or resume) the run in `workdir` up to `config.steps` optimizer steps."""
     t_start = time.perf_counter()
@@ -133,72 +183,55 @@ def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory
         init_distributed(config.distributed)
     validate(config, n_devices=jax.device_count(), process_count=jax.process_count())
     workdir = pathlib.Path(workdir).absolute()
-    is_main = jax.process_index() == 0
-    mesh = sharding.make_mesh(dict(config.mesh))
-    dtype = jnp.dtype(config.model.compute_dtype)
-    names = tuple(config.model.trainable)
     ckpts = ckpt_lib.Checkpoints(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=int(config.max_to_keep))
-    latest = ckpts.latest_step()
-    previous = ckpts.metadata(latest) if latest is not None else None
-    if previous is not None:
-        _check_resume(previous, config)
-    configs = previous["model_configs"] if previous else setup.model_config_dicts(config.model)
-    models = setup.build_models(configs, config.model.variant, dtype, bool(config.model.remat))
-    diffusion = make_diffusion(config, models)
+    try:
+        run = _prepare(config, workdir, ckpts)
+        iterator = (make_iterator or data_lib.make_iterator)(
+            config, process_index=jax.process_index(), process_count=jax.process_count(),
+            vocab_size=run.models.text_encoder.config.vocab_size)
+        try:
+            if run.data_state is not None:
+                iterator.set_state(run.data_state)
+            result, state = _steps(config, run, iterator, ckpts, workdir, t_start)
+        finally:
+            getattr(iterator, "close", lambda: None)()
+        ckpts.wait()
+    finally:
+        ckpts.close()
+    if result.status == "finished" and config.export_at_end:
+        result.export_dir = export_live(run.configs, run.models.variant, state["params"], run.base,
+                                        tuple(config.model.trainable),
+                                        workdir / "export" / f"checkpoint-{result.step}")
+    return result
 
-    optim = layout_lib.freeze(config.optim)
-    rules = tuple((str(r), tuple(a)) for r, a in config.sharding.rules)
-    layout = layout_lib.make_layout(models, names, dtype.name, optim, mesh, rules, int(config.sharding.min_size))
 
-    data_state = None
-    if previous is None:
-        trainable, frozen_np, base = setup.fresh_start(config, models, configs, workdir)
-        _sync("pasd_base_written")
-        state = layout_lib.create_state(layout, trainable, optim, jax.random.PRNGKey(int(config.seed)))
-        del trainable
-    else:
-        base = ckpt_lib.resolve_base(previous["base"], workdir)
-        frozen_np = setup.load_frozen(models, base, names)
-        state, data_state, _ = ckpts.restore(latest, layout.abstract_state())
-    frozen = sharding.put(setup.cast(frozen_np, dtype), layout.frozen_sh)
-    del frozen_np
-    meta = {"variant": models.variant, "config": config.to_json_best_effort(), "model_configs": configs,
-            "base": ckpt_lib.relative_base(base, workdir), "trainable": list(names),
-            "num_workers": int(config.loader.num_workers), "process_count": jax.process_count(),
-            "mesh": dict(mesh.shape), "jax_version": jax.__version__}
-
-    factory = make_iterator or data_lib.make_iterator
-    iterator = factory(config, process_index=jax.process_index(), process_count=jax.process_count(),
-                       vocab_size=models.text_encoder.config.vocab_size)
-    if data_state is not None:
-        iterator.set_state(data_state)
-
-    t_compile = time.perf_counter()
-    accum = int(config.grad_accum)
-    step_fn = layout_lib.compile_step(models, diffusion, layout, optim,
-                                      (accum, int(config.batch_size) // accum, int(config.data.crop_size)))
-    t_compile = time.perf_counter() - t_compile
+def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, workdir: pathlib.Path,
+           t_start: float) -> tuple[RunResult, dict]:
+    """The step loop; returns the result and the final state."""
+    state, layout = run.state, run.layout
+    run.state = None  # donated to the first step
     step = int(jax.device_get(state["step"]))
-    writer = MetricsWriter(workdir, total_steps=int(config.steps), start_step=step, enabled=is_main,
+    accum, crop, steps = int(config.grad_accum), int(config.data.crop_size), int(config.steps)
+    writer = MetricsWriter(workdir, total_steps=steps, start_step=step, enabled=jax.process_index() == 0,
                            progress=bool(config.progress))
-    writer.message(f"{'resumed from' if previous else 'new run at'} step {step} in {workdir}: {models.variant}, "
-                   f"{partition.count(layout.trainable) / 1e6:.1f}M trainable params, mesh {dict(mesh.shape)}, "
-                   f"setup {time.perf_counter() - t_start - t_compile:.1f}s, step compiled in {t_compile:.1f}s")
-    loop = _Loop(config, ckpts, writer, last_saved=latest)
+    writer.message(f"{'resumed from' if run.latest else 'new run at'} step {step} in {workdir}: "
+                   f"{run.models.variant}, {partition.count(layout.trainable) / 1e6:.1f}M trainable params, mesh "
+                   f"{dict(layout.mesh.shape)}, ready in {time.perf_counter() - t_start:.1f}s (setup + compile)")
+    loop = _Loop(config, ckpts, writer, last_saved=run.latest)
     status = "finished"
     try:
         with StopSignals() as signals:
-            while step < int(config.steps):
+            while step < steps:
                 arrays, counters = data_lib.split_counters(next(iterator))
-                batch = data_lib.to_global(arrays, accum, int(config.data.crop_size), layout.batch_sh)
-                state, metrics = step_fn(state, frozen, batch)
+                batch = data_lib.to_global(arrays, accum, crop, layout.batch_sh)
+                state, metrics = run.step_fn(state, run.frozen, batch)
                 step += 1
                 loop.check_pending()                    # the previous step's metrics, while this one runs
                 loop.pending = (step, metrics, counters)
                 stop = signals.agreed()
-                if stop or step % int(config.checkpoint_every) == 0 or step == int(config.steps):
-                    loop.check_pending()
-                    ckpts.save(state, iterator.get_state(), meta, wait=stop)
+                if stop or step % int(config.checkpoint_every) == 0 or step == steps:
+                    loop.check_pending()                # nothing non-finite is ever saved
+                    ckpts.save(state, iterator.get_state(), run.meta, wait=stop)
                     loop.last_saved = step
                 if stop:
                     status = "preempted"
@@ -206,16 +239,9 @@ def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory
                                    f"{ckpts.directory}; run the same command to resume")
                     break
             loop.check_pending()
-        ckpts.wait()
     finally:
-        ckpts.close()
         writer.close()
-        getattr(iterator, "close", lambda: None)()
-    export_dir = None
-    if status == "finished" and config.export_at_end:
-        export_dir = export_live(configs, models.variant, state["params"], base, names,
-                                 workdir / "export" / f"checkpoint-{step}")
-    return RunResult(step=step, status=status, metrics=loop.last_row, export_dir=export_dir)
+    return RunResult(step=step, status=status, metrics=loop.last_row), state
 
 
 class _Loop:

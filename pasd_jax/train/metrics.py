@@ -9,7 +9,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Mapping
+from collections.abc import Mapping
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"

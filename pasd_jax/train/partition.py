@@ -6,7 +6,8 @@ contain the same substrings, so the same rule applies unchanged to either varian
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from flax import traverse_util
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -151,17 +152,18 @@ def fresh_start(config, models: Models, configs: Mapping[str, dict],
         unet, controlnet, base = _from_pasd(config, models)
         frozen = load_frozen(models, base, names, unet=unet)
         return {CONTROLNET: controlnet, UNET: partition.split_unet(unet, names)[0]}, frozen, base
-    unet_init = random_params(models.unet, k_unet)
-    paca, random_sd = partition.split_unet(unet_init, names)
+    fresh = {UNET: random_params(models.unet, k_unet), CONTROLNET: random_params(models.controlnet, k_cn)}
+    if not mc.base:
+        fresh.update({VAE: random_params(models.vae, k_vae), TEXT_ENCODER: random_params(models.text_encoder, k_text)})
+    paca, random_sd = partition.split_unet(fresh[UNET], names)
     if mc.base:
         base = {k: str(pathlib.Path(mc.base) / k) for k in BASE_KINDS}
         frozen = load_frozen(models, base, names)
     else:
-        frozen = {UNET: random_sd, VAE: random_params(models.vae, k_vae),
-                  TEXT_ENCODER: random_params(models.text_encoder, k_text)}
+        frozen = {UNET: random_sd, VAE: fresh[VAE], TEXT_ENCODER: fresh[TEXT_ENCODER]}
         base = write_base(models, configs, frozen, pathlib.Path(workdir) / "base")
     unet = partition.merge(frozen[UNET], paca)
-    controlnet = to_numpy(controlnet_params_from_unet(unet, random_params(models.controlnet, k_cn)))
+    controlnet = to_numpy(controlnet_params_from_unet(unet, fresh[CONTROLNET]))
     return {CONTROLNET: controlnet, UNET: paca}, frozen, base
 
 

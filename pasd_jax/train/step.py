@@ -9,7 +9,8 @@ uninterrupted one draws. `draw_inputs` and `forward_losses` are separate so test
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
