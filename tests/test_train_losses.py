@@ -206,6 +206,19 @@ def test_bad_config_fails_before_compiling(what, overrides, message, tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_data_folder_fails_before_compiling(tmp_path, compile_counter):
+    from pasd_jax.train.loop import train
+    c = _bad(loader__num_workers=0)
+    c.data.sources = [{"kind": "folder", "path": str(tmp_path / "no_images"), "weight": 1.0}]
+    compile_counter.active, compile_counter.count = True, 0
+    try:
+        with pytest.raises(FileNotFoundError, match="no_images does not exist"):
+            train(c, tmp_path / "run")
+    finally:
+        compile_counter.active = False
+    assert compile_counter.count == 0
+
+
 def test_base_folder_without_parts(tmp_path):
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     (tmp_path / "sd" / "unet" / "config.json").write_text("{}")

@@ -142,16 +142,23 @@ class _Run:
     latest: int | None
 
 
-def _prepare(config, workdir: pathlib.Path, ckpts: ckpt_lib.Checkpoints) -> _Run:
-    """Models, mesh layout, state (fresh, or restored into this mesh) and the compiled step."""
-    dtype = jnp.dtype(config.model.compute_dtype)
-    names = tuple(config.model.trainable)
+def _plan(config, ckpts: ckpt_lib.Checkpoints) -> tuple[int | None, dict | None, dict[str, dict], setup.Models]:
+    """The cheap part of the setup: latest checkpoint and its metadata (checked against the config), models."""
     latest = ckpts.latest_step()
     previous = ckpts.metadata(latest) if latest is not None else None
     if previous is not None:
         _check_resume(previous, config)
     configs = previous["model_configs"] if previous else setup.model_config_dicts(config.model)
-    models = setup.build_models(configs, config.model.variant, dtype, bool(config.model.remat))
+    models = setup.build_models(configs, config.model.variant, jnp.dtype(config.model.compute_dtype),
+                                bool(config.model.remat))
+    return latest, previous, configs, models
+
+
+def _prepare(config, workdir: pathlib.Path, ckpts: ckpt_lib.Checkpoints, latest: int | None,
+             previous: dict | None, configs: dict[str, dict], models: setup.Models) -> _Run:
+    """Mesh layout, state (fresh, or restored into this mesh), frozen params and the compiled step."""
+    dtype = jnp.dtype(config.model.compute_dtype)
+    names = tuple(config.model.trainable)
     optim = layout_lib.freeze(config.optim)
     rules = tuple((str(r), tuple(a)) for r, a in config.sharding.rules)
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -185,11 +192,13 @@ def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory
     workdir = pathlib.Path(workdir).absolute()
     ckpts = ckpt_lib.Checkpoints(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=int(config.max_to_keep))
     try:
-        run = _prepare(config, workdir, ckpts)
+        latest, previous, configs, models = _plan(config, ckpts)
+        # The loader opens (and probes its sources) before anything compiles: a bad data path fails in seconds.
         iterator = (make_iterator or data_lib.make_iterator)(
             config, process_index=jax.process_index(), process_count=jax.process_count(),
-            vocab_size=run.models.text_encoder.config.vocab_size)
+            vocab_size=models.text_encoder.config.vocab_size)
         try:
+            run = _prepare(config, workdir, ckpts, latest, previous, configs, models)
             if run.data_state is not None:
                 iterator.set_state(run.data_state)
             result, state = _steps(config, run, iterator, ckpts, workdir, t_start)
