@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 
@@ -198,3 +199,62 @@ def test_resume_refuses_another_loader_worker_count(runs, tmp_path):
     shutil.copytree(runs["root"] / "a", run)
     with pytest.raises(ConfigError, match="resume with --config.loader.num_workers=0"):
         loop.train(config(steps=STEPS + 2, loader__num_workers=2), run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The three ways to start (no step is compiled: these check the starting params)
+
+
+def _fresh(c, workdir):
+    configs = setup.model_config_dicts(c.model)
+    models = setup.build_models(configs, c.model.variant)
+    return setup.fresh_start(c, models, configs, workdir)
+
+
+def _equal(a, b) -> bool:
+    fa, fb = partition.flatten(a), partition.flatten(b)
+    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+
+
+def test_start_from_sd_base_copies_the_unet_into_the_controlnet(runs, tmp_path):
+    base = runs["root"] / "a" / "base"  # a diffusers-layout SD folder (unet/, vae/, text_encoder/)
+    trainable, frozen, paths = _fresh(config(model__base=str(base)), tmp_path)
+    sd_unet = from_pytorch(base / "unet")[1]
+    assert paths["unet"] == str(base / "unet") and not (tmp_path / "base").exists()
+    assert _equal(frozen["unet"], sd_unet) and _equal(frozen["vae"], from_pytorch(base / "vae")[1])
+    cn = trainable["controlnet"]
+    for name in ("conv_in", "time_embedding", "down_blocks_0", "mid_block"):   # official `from_unet`
+        assert _equal(cn[name], sd_unet[name]), name
+    for name in ("controlnet_mid_block", "controlnet_down_blocks_0"):          # zero convs
+        assert all(not np.any(v) for v in partition.flatten(cn[name]).values()), name
+    # PACA keeps PyTorch's default init (spec 2.5): random kernels and linear biases, norms at gamma 1 / beta 0
+    for key, v in partition.flatten(trainable["unet"]).items():
+        name = "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
+        if re.search(r"norm[^/]*/scale$", name):
+            assert np.all(np.asarray(v) == 1), name
+        elif re.search(r"norm[^/]*/bias$", name):
+            assert not np.any(v), name
+        else:
+            assert np.all(np.asarray(v) != 0) and float(np.std(v)) > 0, name
+
+
+def test_start_from_official_checkpoint(golden_dir, tmp_path):
+    c = config(model__init_from=str(golden_dir / "tiny_pasd"), model__base=str(golden_dir / "tiny_pipeline"))
+    from pasd_jax.train.validate import validate
+    validate(c, n_devices=1)
+    trainable, frozen, paths = _fresh(c, tmp_path)
+    official = load_pasd_checkpoint(golden_dir / "tiny_pasd")
+    paca, sd = partition.split_unet(official["unet"][1])
+    assert _equal(trainable["controlnet"], official["controlnet"][1]) and _equal(trainable["unet"], paca)
+    assert _equal(frozen["unet"], sd)
+    assert _equal(frozen["text_encoder"], from_pytorch(golden_dir / "tiny_pipeline" / "text_encoder")[1])
+    assert paths["unet"] == str(golden_dir / "tiny_pasd" / "unet")
+
+
+def test_start_from_own_run(runs, tmp_path):
+    trainable, frozen, paths = _fresh(config(model__init_from=str(runs["root"] / "a")), tmp_path)
+    done = ckpt_lib.restore_for_export(runs["root"] / "a")
+    paca, sd = partition.split_unet(done["unet"][1])
+    assert _equal(trainable["controlnet"], done["controlnet"][1]) and _equal(trainable["unet"], paca)
+    assert _equal(frozen["unet"], sd)
+    assert paths == done["metadata"]["base"]

@@ -39,7 +39,8 @@ def check_model(mc) -> None:
         base = pathlib.Path(mc.base)
         _need(base.is_dir(), f"model.base={mc.base!r} does not exist: point it at a diffusers SD1.5 folder "
               "(with unet/, vae/, text_encoder/), or leave it empty for random base models")
-        missing = [p for p in BASE_PARTS if not (base / p / "config.json").is_file()]
+        parts = BASE_PARTS[1:] if mc.init_from else BASE_PARTS  # a PASD checkpoint brings its own UNet
+        missing = [p for p in parts if not (base / p / "config.json").is_file()]
         _need(not missing, f"model.base={mc.base!r} has no {', '.join(f'{p}/config.json' for p in missing)}: "
               "it must be a diffusers pipeline folder (stable-diffusion-v1-5 layout)")
     if mc.init_from:
