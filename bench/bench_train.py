@@ -32,6 +32,7 @@ from pasd_jax.models import attention
 from pasd_jax.models.controlnet import controlnet_params_from_unet
 from pasd_jax.train import layout as layout_lib
 from pasd_jax.train import loop, partition, setup, sharding
+from pasd_jax.train.models import Models, build_models
 from pasd_jax.train.step import init_state, make_optimizer, make_train_step
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16
@@ -47,7 +48,7 @@ def run_config(model: str, dtype: str, variant: str, resolution: int):
     return c
 
 
-def device_params(models: setup.Models, names: tuple[str, ...], dtype) -> tuple[dict, dict]:
+def device_params(models: Models, names: tuple[str, ...], dtype) -> tuple[dict, dict]:
     """Random trainable (fp32) and frozen (compute dtype) params made on the device, without compiling the models'
     init (slow for the SD1.5 UNet); speed does not depend on the values."""
     k = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -76,7 +77,7 @@ def bench_case(model: str, dtype: str, variant: str, resolution: int, batch: int
     config = run_config(model, dtype, variant, resolution)
     names = tuple(config.model.trainable)
     configs = setup.model_config_dicts(config.model)
-    models = setup.build_models(configs, variant, jnp.dtype(dtype), remat)
+    models = build_models(configs, variant, jnp.dtype(dtype), remat)
     diffusion = loop.make_diffusion(config)
     optim = layout_lib.freeze(config.optim)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -87,7 +88,7 @@ def bench_case(model: str, dtype: str, variant: str, resolution: int, batch: int
         compiled = layout_lib.compile_step(models, diffusion, lay, optim, (1, batch, res))
     flops = (compiled.cost_analysis() or {}).get("flops")
     if remat:  # model FLOPs: the same step without recomputation
-        plain = setup.build_models(configs, variant, jnp.dtype(dtype), False)
+        plain = build_models(configs, variant, jnp.dtype(dtype), False)
         tx, sched = make_optimizer(dict(optim))
         lowered = jax.jit(make_train_step(plain, diffusion, tx, sched)).lower(
             lay.abstract_state(), lay.abstract_frozen(),

@@ -66,7 +66,7 @@ def test_controlnet_and_unet_match_golden(golden_run, scale, tag):
 
 def test_conditioning_scale_only_scales_residuals(golden_run):
     (r1, d1, m1, _), (r05, d05, m05, _) = golden_run["outs"][1.0], golden_run["outs"][0.5]
-    for a, b in zip(d1, d05):
+    for a, b in zip((*d1, m1), (*d05, m05)):
         np.testing.assert_allclose(np.asarray(a) * 0.5, b, rtol=0, atol=1e-6)
     for a, b in zip(r1, r05):
         np.testing.assert_array_equal(a, b)

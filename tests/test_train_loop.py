@@ -18,7 +18,9 @@ from pasd_jax.convert.io import load_safetensors, save_safetensors
 from pasd_jax.train import checkpoint as ckpt_lib
 from pasd_jax.train import data as data_lib
 from pasd_jax.train import loop, partition, setup
+from pasd_jax.train.export import export_pytorch, restore_for_export
 from pasd_jax.train.metrics import read_metrics
+from pasd_jax.train.models import abstract, build_models
 from pasd_jax.train.validate import ConfigError
 
 STEPS = 4
@@ -102,8 +104,8 @@ def test_resume_after_sigterm_is_exact(runs):
     # Step 2 was an async save in run a (the next step donated the state while it was written) and a blocking
     # save on SIGTERM in run b; step 4 is the end of both.
     for step in (STEPS // 2, STEPS):
-        pa = ckpt_lib.restore_for_export(root / "a", step=step)
-        pb = ckpt_lib.restore_for_export(root / "b", step=step)
+        pa = restore_for_export(root / "a", step=step)
+        pb = restore_for_export(root / "b", step=step)
         for kind in ("unet", "controlnet"):
             fa, fb = partition.flatten(pa[kind][1]), partition.flatten(pb[kind][1])
             assert fa.keys() == fb.keys()
@@ -129,14 +131,14 @@ def test_frozen_base_unchanged_trainable_changed(runs):
 
 def test_restore_for_export(runs, tmp_path):
     root = runs["root"]
-    got = ckpt_lib.restore_for_export(root / "a" / "checkpoints", step=STEPS // 2)
+    got = restore_for_export(root / "a" / "checkpoints", step=STEPS // 2)
     meta = got["metadata"]
     assert meta["step"] == STEPS // 2 and meta["variant"] == "pasd"
     assert meta["base"]["unet"] == str(root / "a" / "base" / "unet")
     unet_m, unet_p = got["unet"]
     assert unet_m.variant == "pasd" and unet_m.dtype == jnp.float32
-    assert partition.flatten(unet_p).keys() == partition.flatten(setup.abstract(unet_m)).keys()
-    ckpt_lib.export_pytorch(got["unet"], got["controlnet"], tmp_path / "release")
+    assert partition.flatten(unet_p).keys() == partition.flatten(abstract(unet_m)).keys()
+    export_pytorch(got["unet"], got["controlnet"], tmp_path / "release")
     back = load_pasd_checkpoint(tmp_path / "release")
     for kind in ("unet", "controlnet"):
         want, have = partition.flatten(got[kind][1]), partition.flatten(back[kind][1])
@@ -173,7 +175,7 @@ def test_nan_guard_keeps_last_good_checkpoint(runs, tmp_path):
     assert f"the last good checkpoint is step {STEPS}" in str(err.value)
     assert ckpt_lib.Checkpoints(run / "checkpoints", read_only=True).latest_step() == STEPS
     assert max(read_metrics(run)) == STEPS
-    params = ckpt_lib.restore_for_export(run)
+    params = restore_for_export(run)
     assert all(np.isfinite(v).all() for v in partition.flatten(params["controlnet"][1]).values())
 
 
@@ -191,7 +193,7 @@ def test_partial_and_failed_saves_keep_the_last_good_checkpoint(runs, tmp_path):
     ck = ckpt_lib.Checkpoints(ckdir, read_only=True)
     print("steps after a failed save:", ck.all_steps(), sorted(p.name for p in ckdir.iterdir()))
     assert ck.latest_step() == STEPS and ck.all_steps() == [2, 4]
-    assert ckpt_lib.restore_for_export(run)["metadata"]["step"] == STEPS
+    assert restore_for_export(run)["metadata"]["step"] == STEPS
 
 
 def test_resume_refuses_another_loader_worker_count(runs, tmp_path):
@@ -207,7 +209,7 @@ def test_resume_refuses_another_loader_worker_count(runs, tmp_path):
 
 def _fresh(c, workdir):
     configs = setup.model_config_dicts(c.model)
-    models = setup.build_models(configs, c.model.variant)
+    models = build_models(configs, c.model.variant)
     return setup.fresh_start(c, models, configs, workdir)
 
 
@@ -253,7 +255,7 @@ def test_start_from_official_checkpoint(golden_dir, tmp_path):
 
 def test_start_from_own_run(runs, tmp_path):
     trainable, frozen, paths = _fresh(config(model__init_from=str(runs["root"] / "a")), tmp_path)
-    done = ckpt_lib.restore_for_export(runs["root"] / "a")
+    done = restore_for_export(runs["root"] / "a")
     paca, sd = partition.split_unet(done["unet"][1])
     assert _equal(trainable["controlnet"], done["controlnet"][1]) and _equal(trainable["unet"], paca)
     assert _equal(frozen["unet"], sd)

@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 from configs import tiny
 from pasd_jax.convert import load_pasd_checkpoint
 from pasd_jax.convert.io import load_safetensors
-from pasd_jax.train import partition, setup, sharding
+from pasd_jax.train import partition, sharding
+from pasd_jax.train.models import Models
 from pasd_jax.train.step import Diffusion, StepInputs, forward_losses
 from pasd_jax.train.validate import ConfigError, validate
 
@@ -46,7 +47,7 @@ def test_golden_loss_terms(golden):
     x = StepInputs(io["input.sample"], io["input.timesteps"], io["input.encoder_hidden_states"],
                    io["input.controlnet_cond"], gt, noise)
     diffusion = Diffusion(alphas_cumprod=(0.5,), null_ids=(0,), dr_weight=1.0, conditioning_scale=1.0)
-    mods = setup.Models(unet=unet_m, controlnet=cn_m, vae=None, text_encoder=None)
+    mods = Models(unet=unet_m, controlnet=cn_m, vae=None, text_encoder=None)
     fn = jax.jit(functools.partial(forward_losses, models=mods, diffusion=diffusion))
     loss, terms = fn({"controlnet": cn_p, "unet": paca}, sd, x=x)
 

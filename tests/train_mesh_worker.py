@@ -25,6 +25,7 @@ from pasd_jax.train import checkpoint as ckpt_lib
 from pasd_jax.train import data as data_lib
 from pasd_jax.train import layout as layout_lib
 from pasd_jax.train import loop, partition, setup, sharding
+from pasd_jax.train.models import build_models
 
 STEPS, EXTRA = 3, 2
 MESHES = {"1": (1, 1), "8x1": (8, 1), "2x4": (2, 4), "1x8": (1, 8)}
@@ -69,7 +70,7 @@ class Runner:
         apply_overrides(self.config, overrides)
         c = self.config
         configs = setup.model_config_dicts(c.model)
-        self.models = setup.build_models(configs, c.model.variant)
+        self.models = build_models(configs, c.model.variant)
         self.diffusion = loop.make_diffusion(c)
         self.optim = layout_lib.freeze(c.optim)
         self.rules = tuple((r, tuple(a)) for r, a in c.sharding.rules)

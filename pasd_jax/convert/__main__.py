@@ -40,10 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pasd_jax.convert import release  # after argument parsing: --help needs no JAX
+    from pasd_jax.train.export import export_train_checkpoint  # reads train.py runs
 
     try:
         if args.command == "export":
-            out = release.export_train_checkpoint(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)
+            out = export_train_checkpoint(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)
             print(f"exported {out}")
         elif args.command == "import":
             out = release.import_official(args.pasd, args.out, overwrite=args.overwrite)

@@ -57,7 +57,7 @@ class ReleaseInfo:
 
 # ------------------------------------------------------------------------------------------ staging
 
-def _refuse_existing(out: pathlib.Path, overwrite: bool) -> None:
+def refuse_existing(out: pathlib.Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ReleaseError(f"output folder {out} already exists; choose another --out or pass --overwrite")
 
@@ -65,7 +65,7 @@ def _refuse_existing(out: pathlib.Path, overwrite: bool) -> None:
 def staged_write(out: PathLike, write: Callable[[pathlib.Path], None], *, overwrite: bool = False) -> pathlib.Path:
     """Run `write(tmp)` into a fresh folder beside `out`, then move it into place (replacing `out` only if asked)."""
     out = pathlib.Path(out)
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = out.with_name(f".{out.name}.partial-{tag}")
@@ -138,7 +138,7 @@ def export_release(out: PathLike, *, unet: Model, controlnet: Model, info: Relea
                    overwrite: bool = False) -> pathlib.Path:
     """Write `out/unet`, `out/controlnet` (official layout, fp32) and `out/README.md`; returns `out`."""
     out = pathlib.Path(out)
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     for sub, (module, _) in ((UNET, unet), (CONTROLNET, controlnet)):
         if kind_of(module) != sub:
             raise ReleaseError(f"export: the {sub} argument holds a {kind_of(module)} module")
@@ -169,28 +169,7 @@ def export_release(out: PathLike, *, unet: Model, controlnet: Model, info: Relea
     return out
 
 
-def export_train_checkpoint(ckpt_dir: PathLike, out: PathLike, *, step: int | None = None,
-                            overwrite: bool = False) -> pathlib.Path:
-    """Export a `train.py` checkpoint (full PASD UNet incl. the SD base, ControlNet) as an official release."""
-    try:
-        from pasd_jax.train.checkpoint import restore_for_export  # training code is only needed here
-    except ImportError as e:
-        raise ReleaseError(f"cannot read train.py checkpoints: {e}") from e
-    out = pathlib.Path(out)
-    _refuse_existing(out, overwrite)
-    restored = restore_for_export(ckpt_dir, step=step)
-    meta = dict(restored.get("metadata") or {})
-    unet, controlnet = restored[UNET], restored[CONTROLNET]
-    cfg = meta.get("config") or {}
-    trainable = meta.get("trainable") or _lookup(cfg, ("model", "trainable"), ("model", "trainable_modules"))
-    info = ReleaseInfo(variant=meta.get("variant") or unet[0].variant, step=meta.get("step"),
-                       base=_describe_base(meta.get("base") or _lookup(cfg, ("model", "base"))),
-                       trainable_modules=tuple(trainable or DEFAULT_TRAINABLE),
-                       source=str(pathlib.Path(ckpt_dir).resolve()))
-    return export_release(out, unet=unet, controlnet=controlnet, info=info, overwrite=overwrite)
-
-
-def _describe_base(base: Any) -> str | None:
+def describe_base(base: Any) -> str | None:
     """A base given as {component: folder} reads as the common parent folder when there is one."""
     if isinstance(base, Mapping):
         parents = {str(pathlib.Path(v).parent) for v in base.values()}
@@ -201,7 +180,7 @@ def _describe_base(base: Any) -> str | None:
     return None if base in (None, "") else str(base)
 
 
-def _lookup(cfg: Any, *paths: tuple[str, ...]) -> Any:
+def lookup_config(cfg: Any, *paths: tuple[str, ...]) -> Any:
     """A value from a nested dict / ConfigDict by the first path that exists (None if none does)."""
     for path in paths:
         node = cfg
@@ -230,7 +209,7 @@ def is_flax_checkpoint(path: PathLike) -> bool:
 def import_official(pasd: PathLike, out: PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """An official PASD checkpoint folder -> our Flax-layout folder (`unet/`, `controlnet/`, marker file)."""
     pasd, out = pathlib.Path(pasd), pathlib.Path(out)
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     if not is_official_checkpoint(pasd):
         raise ReleaseError(f"{pasd} is not an official PASD checkpoint: expected unet/ and controlnet/ folders with "
                            "config.json and diffusion_pytorch_model.safetensors (as runs/pasd/checkpoint-100000)")

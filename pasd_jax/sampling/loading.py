@@ -33,12 +33,13 @@ class Loaded:
 
 def _train_checkpoint(path: pathlib.Path) -> dict | None:
     """A `train.py` work dir (or its checkpoints/ dir), restored at its latest step; None if it is not one."""
-    from pasd_jax.train import checkpoint as train_ckpt
+    from pasd_jax.train.checkpoint import checkpoint_dir
+    from pasd_jax.train.export import restore_for_export
 
-    ckdir = train_ckpt.checkpoint_dir(path)
+    ckdir = checkpoint_dir(path)
     if not ckdir.is_dir() or not any(p.is_dir() and p.name.isdigit() for p in ckdir.iterdir()):
         return None
-    return train_ckpt.restore_for_export(path)
+    return restore_for_export(path)
 
 
 def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personalized: PathLike | None = None,

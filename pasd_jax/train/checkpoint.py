@@ -6,8 +6,7 @@ state, run RNG key), `data` (each host's loader state, one JSON file per process
 is not copied: `meta.base` points at its PyTorch folders. Orbax writes a step into a temporary directory and
 renames it only once every item is written, so a failed or interrupted save never replaces the last good step.
 
-`restore_for_export(dir)` rebuilds the full PASD UNet (frozen base + trained PACA) and ControlNet from a run
-directory, for `to_pytorch` and the release exporter.
+Reading a run back as full PASD models (for export or fine-tuning) lives in `pasd_jax.train.export`.
 """
 from __future__ import annotations
 
@@ -22,9 +21,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pasd_jax.convert import to_pytorch
-from pasd_jax.convert.folders import CONTROLNET, UNET
-from pasd_jax.train import partition
 
 PARAMS, TRAIN, DATA, META = "params", "train", "data", "meta"
 CHECKPOINTS = "checkpoints"
@@ -158,40 +154,3 @@ def read_metadata(path: str | os.PathLike, step: int | None = None) -> dict:
         ck.close()
     meta["base"] = resolve_base(meta["base"], ckdir.parent)
     return meta
-
-
-def restore_for_export(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-    """A run's trained PASD models in fp32, ready for `pasd_jax.convert.to_pytorch`.
-
-    Returns {"unet": (PASDUNet, params incl. the frozen SD base read from its fp32 folder), "controlnet":
-    (PASDControlNet, params), "metadata": {"step", "variant", "config", "model_configs", "base", "trainable"}}.
-    `ckpt_dir` is a run's work dir or its checkpoints/ dir; `step` defaults to the latest finished one.
-    """
-    from pasd_jax.train.setup import abstract, build_models, load_frozen
-
-    ckdir = checkpoint_dir(ckpt_dir)
-    ck = Checkpoints(ckdir, read_only=True)
-    try:
-        step = ck.latest_step() if step is None else step
-        meta = ck.metadata(step)
-        meta["base"] = resolve_base(meta["base"], ckdir.parent)
-        names = tuple(meta["trainable"])
-        models = build_models(meta["model_configs"], meta["variant"])
-        shapes = {CONTROLNET: abstract(models.controlnet),
-                  UNET: partition.split_unet(abstract(models.unet), names)[0]}
-        trained = ck.restore_params_numpy(step, shapes)
-    finally:
-        ck.close()
-    frozen = load_frozen(models, meta["base"], names, kinds=(UNET,))
-    unet = partition.merge(frozen[UNET], trained[UNET])
-    keep = ("step", "variant", "config", "model_configs", "base", "trainable")
-    return {UNET: (models.unet, unet), CONTROLNET: (models.controlnet, trained[CONTROLNET]),
-            "metadata": {k: meta[k] for k in keep}}
-
-
-def export_pytorch(unet: tuple[Any, Any], controlnet: tuple[Any, Any], folder: str | os.PathLike) -> pathlib.Path:
-    """Write `folder/unet` and `folder/controlnet` in the official layout (fp32 safetensors + config.json)."""
-    folder = pathlib.Path(folder)
-    to_pytorch(unet[0], unet[1], folder / UNET)
-    to_pytorch(controlnet[0], controlnet[1], folder / CONTROLNET)
-    return folder

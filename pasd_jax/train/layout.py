@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
-from pasd_jax.train import partition, setup, sharding
+from pasd_jax.train import partition, sharding
+from pasd_jax.train.models import Models, abstract
 from pasd_jax.train.step import Diffusion, init_state, make_optimizer, make_train_step
 
 RUN_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)  # raw threefry key data of the run
@@ -55,12 +56,12 @@ def freeze(mapping: Mapping[str, Any]) -> tuple:
 
 
 @functools.lru_cache(maxsize=8)
-def make_layout(models: setup.Models, names: tuple[str, ...], compute_dtype: str, optim: tuple, mesh: Mesh,
+def make_layout(models: Models, names: tuple[str, ...], compute_dtype: str, optim: tuple, mesh: Mesh,
                 rules: tuple, min_size: int) -> Layout:
     """Trainable params fp32, frozen params in the compute dtype, optimizer moments like their params."""
-    unet_train, unet_frozen = partition.split_unet(setup.abstract(models.unet), names)
-    trainable = {CONTROLNET: setup.abstract(models.controlnet), UNET: unet_train}
-    frozen = {UNET: unet_frozen, VAE: setup.abstract(models.vae), TEXT_ENCODER: setup.abstract(models.text_encoder)}
+    unet_train, unet_frozen = partition.split_unet(abstract(models.unet), names)
+    trainable = {CONTROLNET: abstract(models.controlnet), UNET: unet_train}
+    frozen = {UNET: unet_frozen, VAE: abstract(models.vae), TEXT_ENCODER: abstract(models.text_encoder)}
     frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(compute_dtype)), frozen)
     tx, _ = make_optimizer(dict(optim))
     state = jax.eval_shape(lambda p, k: init_state(p, tx, k), trainable, RUN_KEY)
@@ -78,7 +79,7 @@ def batch_shapes(layout: Layout, grad_accum: int, micro_batch: int, resolution: 
 
 
 @functools.lru_cache(maxsize=8)
-def compile_step(models: setup.Models, diffusion: Diffusion, layout: Layout, optim: tuple,
+def compile_step(models: Models, diffusion: Diffusion, layout: Layout, optim: tuple,
                  batch_dims: tuple[int, int, int], return_grads: bool = False):
     """The jitted, sharded, state-donating step compiled for batches of (grad_accum, micro_batch, resolution)."""
     tx, schedule = make_optimizer(dict(optim))

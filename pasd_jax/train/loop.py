@@ -26,7 +26,9 @@ from pasd_jax.train import checkpoint as ckpt_lib
 from pasd_jax.train import data as data_lib
 from pasd_jax.train import layout as layout_lib
 from pasd_jax.train import partition, setup, sharding
+from pasd_jax.train.export import export_pytorch
 from pasd_jax.train.metrics import MetricsWriter
+from pasd_jax.train.models import Models, build_models, cast, load_frozen
 from pasd_jax.train.step import Diffusion
 from pasd_jax.train.validate import ConfigError, validate
 
@@ -131,7 +133,7 @@ def _check_resume(meta: Mapping[str, Any], config) -> None:
 class _Run:
     """Everything a run needs before its first step."""
     configs: dict[str, dict]
-    models: setup.Models
+    models: Models
     layout: layout_lib.Layout
     step_fn: Any
     state: dict
@@ -142,20 +144,20 @@ class _Run:
     latest: int | None
 
 
-def _plan(config, ckpts: ckpt_lib.Checkpoints) -> tuple[int | None, dict | None, dict[str, dict], setup.Models]:
+def _plan(config, ckpts: ckpt_lib.Checkpoints) -> tuple[int | None, dict | None, dict[str, dict], Models]:
     """The cheap part of the setup: latest checkpoint and its metadata (checked against the config), models."""
     latest = ckpts.latest_step()
     previous = ckpts.metadata(latest) if latest is not None else None
     if previous is not None:
         _check_resume(previous, config)
     configs = previous["model_configs"] if previous else setup.model_config_dicts(config.model)
-    models = setup.build_models(configs, config.model.variant, jnp.dtype(config.model.compute_dtype),
+    models = build_models(configs, config.model.variant, jnp.dtype(config.model.compute_dtype),
                                 bool(config.model.remat))
     return latest, previous, configs, models
 
 
 def _prepare(config, workdir: pathlib.Path, ckpts: ckpt_lib.Checkpoints, latest: int | None,
-             previous: dict | None, configs: dict[str, dict], models: setup.Models) -> _Run:
+             previous: dict | None, configs: dict[str, dict], models: Models) -> _Run:
     """Mesh layout, state (fresh, or restored into this mesh), frozen params and the compiled step."""
     dtype = jnp.dtype(config.model.compute_dtype)
     names = tuple(config.model.trainable)
@@ -170,9 +172,9 @@ def _prepare(config, workdir: pathlib.Path, ckpts: ckpt_lib.Checkpoints, latest:
         state = layout_lib.create_state(layout, trainable, optim, jax.random.PRNGKey(int(config.seed)))
     else:
         base = ckpt_lib.resolve_base(previous["base"], workdir)
-        frozen = setup.load_frozen(models, base, names)
+        frozen = load_frozen(models, base, names)
         state, data_state, _ = ckpts.restore(latest, layout.abstract_state())
-    frozen = sharding.put(setup.cast(frozen, dtype), layout.frozen_sh)
+    frozen = sharding.put(cast(frozen, dtype), layout.frozen_sh)
     accum = int(config.grad_accum)
     step_fn = layout_lib.compile_step(models, make_diffusion(config), layout, optim,
                                       (accum, int(config.batch_size) // accum, int(config.data.crop_size)))
@@ -305,7 +307,7 @@ def export_live(configs: Mapping[str, dict], variant: str, params: Any, base: Ma
     trained = sharding.to_host(params)                 # collective: every host takes part
     if jax.process_index() != 0:
         return None
-    fp32 = setup.build_models(configs, variant)
-    unet_frozen = setup.load_frozen(fp32, base, names, kinds=(UNET,))[UNET]
+    fp32 = build_models(configs, variant)
+    unet_frozen = load_frozen(fp32, base, names, kinds=(UNET,))[UNET]
     unet = partition.merge(unet_frozen, trained[UNET])
-    return ckpt_lib.export_pytorch((fp32.unet, unet), (fp32.controlnet, trained[CONTROLNET]), folder)
+    return export_pytorch((fp32.unet, unet), (fp32.controlnet, trained[CONTROLNET]), folder)

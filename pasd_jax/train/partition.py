@@ -11,9 +11,10 @@ from typing import Any
 
 from flax import traverse_util
 
+from pasd_jax.convert.release import DEFAULT_TRAINABLE  # the official --trainable_modules
+
 Params = Mapping[str, Any]
 SEP = "/"
-DEFAULT_TRAINABLE = ("pixel_attentions", "norm2_plus", "attn2_plus", "proj_in_plus")
 
 
 def path_str(path: tuple) -> str:

@@ -8,42 +8,22 @@ checkpoint holds only what training changes and export reads the exact fp32 base
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from pasd_jax.convert import abstract_params, build_module, from_pytorch, to_pytorch
+from pasd_jax.convert import build_module, from_pytorch, to_pytorch
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
 from pasd_jax.convert.io import read_json
 from pasd_jax.models.blocks import PLAIN
-from pasd_jax.models.clip_text import CLIPTextEncoder
 from pasd_jax.models.config import controlnet_config_from_unet
-from pasd_jax.models.controlnet import PASDControlNet, controlnet_params_from_unet
-from pasd_jax.models.unet import PASDUNet
-from pasd_jax.models.vae import AutoencoderKL
+from pasd_jax.models.controlnet import controlnet_params_from_unet
 from pasd_jax.train import partition
-
-BASE_KINDS = (UNET, VAE, TEXT_ENCODER)
-Tree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """The four Flax modules of a run (hashable: jitted step functions close over them)."""
-    unet: PASDUNet
-    controlnet: PASDControlNet
-    vae: AutoencoderKL
-    text_encoder: CLIPTextEncoder
-
-    @property
-    def variant(self) -> str:
-        return self.unet.variant
+from pasd_jax.train.checkpoint import read_metadata
+from pasd_jax.train.export import restore_for_export
+from pasd_jax.train.models import BASE_KINDS, Models, Tree, load_frozen, random_params, to_numpy
 
 
 def _config_json(folder_or_file: str | pathlib.Path) -> dict:
@@ -63,7 +43,6 @@ def model_config_dicts(mc: Mapping[str, Any]) -> dict[str, dict]:
         src = pathlib.Path(mc["init_from"])
         unet, controlnet = _config_json(src / UNET), _config_json(src / CONTROLNET)
     elif mc["init_from"]:
-        from pasd_jax.train.checkpoint import read_metadata
         meta = read_metadata(mc["init_from"])
         unet, controlnet = meta["model_configs"][UNET], meta["model_configs"][CONTROLNET]
     elif mc["base"]:
@@ -77,65 +56,6 @@ def model_config_dicts(mc: Mapping[str, Any]) -> dict[str, dict]:
     else:
         vae, text = _config_json(mc["vae_config"]), _config_json(mc["text_encoder_config"])
     return {UNET: unet, CONTROLNET: controlnet, VAE: vae, TEXT_ENCODER: text}
-
-
-def build_models(configs: Mapping[str, dict], variant: str, compute_dtype: Any = jnp.float32,
-                 remat: bool = False) -> Models:
-    """Modules computing in `compute_dtype`; params are created fp32 and each tree keeps its own storage dtype."""
-    kw = dict(dtype=compute_dtype, param_dtype=jnp.float32)
-    return Models(unet=build_module(UNET, configs[UNET], variant=variant, remat=remat, **kw),
-                  controlnet=build_module(CONTROLNET, configs[CONTROLNET], remat=remat, **kw),
-                  vae=build_module(VAE, configs[VAE], **kw),
-                  text_encoder=build_module(TEXT_ENCODER, configs[TEXT_ENCODER], **kw))
-
-
-def to_numpy(tree: Tree) -> Tree:
-    return jax.tree_util.tree_map(np.asarray, tree)
-
-
-def cast(tree: Tree, dtype: Any) -> Tree:
-    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
-
-
-def _check_same_keys(got: Tree, want: Tree, what: str) -> None:
-    got_k, want_k = set(partition.flatten(got)), set(partition.flatten(want))
-    if got_k != want_k:
-        missing, extra = sorted(want_k - got_k)[:5], sorted(got_k - want_k)[:5]
-        raise ValueError(f"{what}: parameter names do not match the model (missing {missing}, unexpected {extra})")
-
-
-def load_frozen(models: Models, base: Mapping[str, str], trainable: tuple[str, ...],
-                unet: Tree | None = None, kinds: tuple[str, ...] = BASE_KINDS) -> dict:
-    """The frozen fp32 base (numpy) from PyTorch folders; the UNet folder may hold a plain SD or a PASD UNet (its
-    trainable part is dropped). `unet`: full UNet params already in memory, used instead of reading base["unet"]."""
-    out = {}
-    for kind in kinds:
-        params = to_numpy(from_pytorch(base[kind])[1] if unet is None or kind != UNET else unet)
-        if kind == UNET:
-            params = partition.split(params, lambda p: partition.is_trainable_unet_path(p, trainable))[1]
-            want = partition.split_unet(abstract(models.unet), trainable)[1]
-        else:
-            want = abstract(getattr(models, kind))
-        _check_same_keys(params, want, f"frozen {kind} from {base[kind]}")
-        out[kind] = params
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_init(module):
-    return jax.jit(lambda key: module.init(key, *module.dummy_inputs())["params"])
-
-
-def random_params(module, key: jax.Array) -> Tree:
-    """Fresh params as host numpy arrays; the jitted init is kept per module, so a second run in the same process
-    (tests, notebooks) does not compile it again."""
-    return to_numpy(_jitted_init(module)(key))
-
-
-@functools.lru_cache(maxsize=32)
-def abstract(module) -> Tree:
-    """Parameter shapes of a module (cached: tracing an SD-size init takes seconds)."""
-    return abstract_params(module)
 
 
 def fresh_start(config, models: Models, configs: Mapping[str, dict],
@@ -177,7 +97,6 @@ def _from_pasd(config, models: Models) -> tuple[dict, dict, dict[str, str]]:
                 TEXT_ENCODER: str(pathlib.Path(mc.base) / TEXT_ENCODER)}
         variant = unet_m.variant
     else:
-        from pasd_jax.train.checkpoint import restore_for_export
         got = restore_for_export(src)
         (unet_m, unet), (_, controlnet) = got[UNET], got[CONTROLNET]
         base, variant = got["metadata"]["base"], got["metadata"]["variant"]

@@ -21,7 +21,7 @@ from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
 from pasd_jax.models.vae import sample_posterior
 from pasd_jax.train import partition
 from pasd_jax.train.losses import pasd_loss
-from pasd_jax.train.setup import Models
+from pasd_jax.train.models import Models
 
 State = dict[str, Any]  # {"step": int32[], "params": trainable tree, "opt_state": ..., "rng": uint32[2]}
 

@@ -1,0 +1,73 @@
+"""A run's trained PASD models read back from its checkpoints, and written out in the official PyTorch layout.
+
+`restore_for_export(dir)` rebuilds the full PASD UNet (frozen SD base read from its fp32 folders + trained PACA)
+and the ControlNet; `export_pytorch` writes them as `unet/` + `controlnet/` folders; `export_train_checkpoint`
+writes a release (with its README and key checks). Used at the end of training, by `python -m pasd_jax.convert
+export`, by `sample.py --ckpt <run dir>` and to fine-tune from a run.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+from pasd_jax.convert import to_pytorch
+from pasd_jax.convert.folders import CONTROLNET, UNET
+from pasd_jax.convert.io import PathLike
+from pasd_jax.convert.release import (DEFAULT_TRAINABLE, ReleaseInfo, describe_base, export_release, lookup_config,
+                                      refuse_existing)
+from pasd_jax.train import partition
+from pasd_jax.train.checkpoint import Checkpoints, checkpoint_dir, resolve_base
+from pasd_jax.train.models import abstract, build_models, load_frozen
+
+
+def restore_for_export(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """A run's trained PASD models in fp32, ready for `pasd_jax.convert.to_pytorch`.
+
+    Returns {"unet": (PASDUNet, params incl. the frozen SD base read from its fp32 folder), "controlnet":
+    (PASDControlNet, params), "metadata": {"step", "variant", "config", "model_configs", "base", "trainable"}}.
+    `ckpt_dir` is a run's work dir or its checkpoints/ dir; `step` defaults to the latest finished one.
+    """
+    ckdir = checkpoint_dir(ckpt_dir)
+    ck = Checkpoints(ckdir, read_only=True)
+    try:
+        step = ck.latest_step() if step is None else step
+        meta = ck.metadata(step)
+        meta["base"] = resolve_base(meta["base"], ckdir.parent)
+        names = tuple(meta["trainable"])
+        models = build_models(meta["model_configs"], meta["variant"])
+        shapes = {CONTROLNET: abstract(models.controlnet),
+                  UNET: partition.split_unet(abstract(models.unet), names)[0]}
+        trained = ck.restore_params_numpy(step, shapes)
+    finally:
+        ck.close()
+    frozen = load_frozen(models, meta["base"], names, kinds=(UNET,))
+    unet = partition.merge(frozen[UNET], trained[UNET])
+    keep = ("step", "variant", "config", "model_configs", "base", "trainable")
+    return {UNET: (models.unet, unet), CONTROLNET: (models.controlnet, trained[CONTROLNET]),
+            "metadata": {k: meta[k] for k in keep}}
+
+
+def export_pytorch(unet: tuple[Any, Any], controlnet: tuple[Any, Any], folder: str | os.PathLike) -> pathlib.Path:
+    """Write `folder/unet` and `folder/controlnet` in the official layout (fp32 safetensors + config.json)."""
+    folder = pathlib.Path(folder)
+    to_pytorch(unet[0], unet[1], folder / UNET)
+    to_pytorch(controlnet[0], controlnet[1], folder / CONTROLNET)
+    return folder
+
+
+def export_train_checkpoint(ckpt_dir: PathLike, out: PathLike, *, step: int | None = None,
+                            overwrite: bool = False) -> pathlib.Path:
+    """Export a `train.py` checkpoint (full PASD UNet incl. the SD base, ControlNet) as an official release."""
+    out = pathlib.Path(out)
+    refuse_existing(out, overwrite)
+    restored = restore_for_export(ckpt_dir, step=step)
+    meta = dict(restored.get("metadata") or {})
+    unet, controlnet = restored[UNET], restored[CONTROLNET]
+    cfg = meta.get("config") or {}
+    trainable = meta.get("trainable") or lookup_config(cfg, ("model", "trainable"), ("model", "trainable_modules"))
+    info = ReleaseInfo(variant=meta.get("variant") or unet[0].variant, step=meta.get("step"),
+                       base=describe_base(meta.get("base") or lookup_config(cfg, ("model", "base"))),
+                       trainable_modules=tuple(trainable or DEFAULT_TRAINABLE),
+                       source=str(pathlib.Path(ckpt_dir).resolve()))
+    return export_release(out, unet=unet, controlnet=controlnet, info=info, overwrite=overwrite)
