@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from pasd_jax.models.config import CLIPTextConfig
-from pasd_jax.models.layers import Dense, LayerNorm
+from pasd_jax.models.layers import Dense, Embed, LayerNorm
 
 
 def _act(name: str):
@@ -101,11 +101,10 @@ class _Embeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids):
         cfg = self.config
-        init = nn.initializers.normal(0.02)
-        tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, param_dtype=self.param_dtype,
-                       name="token_embedding")(input_ids)
-        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
-                       param_dtype=self.param_dtype, name="position_embedding")(jnp.arange(input_ids.shape[1]))
+        tok = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype,
+                    name="token_embedding")(input_ids)
+        pos = Embed(cfg.max_position_embeddings, cfg.hidden_size, param_dtype=self.param_dtype,
+                    name="position_embedding")(jnp.arange(input_ids.shape[1]))
         return tok + pos[None]
 
 

@@ -7,8 +7,10 @@ diffusers' Flax models.
 """
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,42 +18,61 @@ import flax.linen as nn
 import numpy as np
 
 Dtype = Any
-Initializer = Callable[..., jax.Array]
 
 
-def torch_uniform(fan_in: int) -> Initializer:
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """A parameter distribution that can be drawn two ways: with a JAX key inside `module.init`, or on the host
+    with numpy (`pasd_jax.models.host_init`), which compiles nothing: XLA's CPU compile of one random draw per
+    tensor costs tens of milliseconds each, minutes for a full model's init."""
+    kind: str  # "uniform": U(-scale, scale); "normal": N(0, scale^2); "constant": every value = scale
+    scale: float = 0.0
+
+    def __call__(self, key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        if self.kind == "uniform":
+            return jax.random.uniform(key, shape, dtype, -self.scale, self.scale)
+        if self.kind == "normal":
+            return self.scale * jax.random.normal(key, shape, dtype)
+        return jnp.full(shape, self.scale, dtype)
+
+    def host(self, rng: np.random.Generator, shape: Sequence[int]) -> np.ndarray:
+        if self.kind == "uniform":
+            return rng.uniform(-self.scale, self.scale, size=tuple(shape)).astype(np.float32)
+        if self.kind == "normal":
+            return (self.scale * rng.standard_normal(size=tuple(shape))).astype(np.float32)
+        return np.full(tuple(shape), self.scale, np.float32)
+
+
+ZEROS, ONES = Init("constant", 0.0), Init("constant", 1.0)
+_RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pasd_init_record", default=None)
+
+
+def param(module: nn.Module, name: str, init: Init, shape: Sequence[int], dtype: Dtype) -> jax.Array:
+    """`module.param` that also tells a recording `host_init` which distribution the parameter at this path has."""
+    record = _RECORD.get()
+    if record is not None:
+        record[tuple(module.path) + (name,)] = init
+    return module.param(name, init, tuple(shape), dtype)
+
+
+def torch_uniform(fan_in: int) -> Init:
     """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
-    bound = 1.0 / math.sqrt(max(fan_in, 1))
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return Init("uniform", 1.0 / math.sqrt(max(fan_in, 1)))
 
 
-def zeros_init(key, shape, dtype=jnp.float32):
-    del key
-    return jnp.zeros(shape, dtype)
-
-
-def kaiming_normal_scaled(fan_in: int, gain: float) -> Initializer:
+def kaiming_normal_scaled(fan_in: int, gain: float) -> Init:
     """ESRGAN's RRDB init: kaiming-normal (fan_in, ReLU) times `gain`."""
-    std = gain * math.sqrt(2.0 / max(fan_in, 1))
-
-    def init(key, shape, dtype=jnp.float32):
-        return std * jax.random.normal(key, shape, dtype)
-
-    return init
+    return Init("normal", gain * math.sqrt(2.0 / max(fan_in, 1)))
 
 
-def _inits(kind: str, fan_in: int) -> tuple[Initializer, Initializer]:
+def _inits(kind: str, fan_in: int) -> tuple[Init, Init]:
     """(kernel_init, bias_init) by name: "torch" (PyTorch default), "zeros" (zero convs), "rrdb"."""
     if kind == "torch":
         return torch_uniform(fan_in), torch_uniform(fan_in)
     if kind == "zeros":
-        return zeros_init, zeros_init
+        return ZEROS, ZEROS
     if kind == "rrdb":
-        return kaiming_normal_scaled(fan_in, 0.1), zeros_init
+        return kaiming_normal_scaled(fan_in, 0.1), ZEROS
     raise ValueError(f"unknown init {kind!r}")
 
 
@@ -67,10 +88,10 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
         kinit, binit = _inits(self.init, fan_in)
-        kernel = self.param("kernel", kinit, (fan_in, self.features), self.param_dtype)
+        kernel = param(self, "kernel", kinit, (fan_in, self.features), self.param_dtype)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", binit, (self.features,), self.param_dtype)
+            bias = param(self, "bias", binit, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
@@ -91,7 +112,7 @@ class Conv(nn.Module):
         k = self.kernel_size
         cin = x.shape[-1]
         kinit, binit = _inits(self.init, cin * k * k)
-        kernel = self.param("kernel", kinit, (k, k, cin, self.features), self.param_dtype)
+        kernel = param(self, "kernel", kinit, (k, k, cin, self.features), self.param_dtype)
         pad = self.padding
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))
@@ -99,7 +120,7 @@ class Conv(nn.Module):
             x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(self.stride, self.stride),
             padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
-            bias = self.param("bias", binit, (self.features,), self.param_dtype)
+            bias = param(self, "bias", binit, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
@@ -116,8 +137,8 @@ class GroupNorm(nn.Module):
         c = x.shape[-1]
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {c} channels")
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        scale = param(self, "scale", ONES, (c,), self.param_dtype)
+        bias = param(self, "bias", ZEROS, (c,), self.param_dtype)
         shape = x.shape
         xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
         mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
@@ -136,13 +157,27 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        scale = param(self, "scale", ONES, (c,), self.param_dtype)
+        bias = param(self, "bias", ZEROS, (c,), self.param_dtype)
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """A lookup table (`embedding` [num, features]), as flax's nn.Embed names it, initialised N(0, std^2)."""
+    num_embeddings: int
+    features: int
+    std: float = 0.02
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = param(self, "embedding", Init("normal", self.std), (self.num_embeddings, self.features),
+                      self.param_dtype)
+        return jnp.take(table, ids, axis=0)
 
 
 def _torch_nearest_index(n_in: int, n_out: int) -> np.ndarray:

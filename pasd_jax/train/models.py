@@ -16,6 +16,7 @@ from pasd_jax.convert import abstract_params, build_module, from_pytorch
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
 from pasd_jax.models.clip_text import CLIPTextEncoder
 from pasd_jax.models.controlnet import PASDControlNet
+from pasd_jax.models.host_init import host_params
 from pasd_jax.models.unet import PASDUNet
 from pasd_jax.models.vae import AutoencoderKL
 from pasd_jax.train import partition
@@ -79,15 +80,10 @@ def load_frozen(models: Models, base: Mapping[str, str], trainable: tuple[str, .
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_init(module):
-    return jax.jit(lambda key: module.init(key, *module.dummy_inputs())["params"])
-
-
-def random_params(module, key: jax.Array) -> Tree:
-    """Fresh params as host numpy arrays; the jitted init is kept per module, so a second run in the same process
-    (tests, notebooks) does not compile it again."""
-    return to_numpy(_jitted_init(module)(key))
+def random_params(module, seed: int, stream: str) -> Tree:
+    """Fresh params as host numpy arrays, drawn on the host from the modules' own distributions
+    (`pasd_jax.models.host_init`): a jitted init compiles for tens of seconds even for the tiny models."""
+    return host_params(module, seed, stream=stream)
 
 
 @functools.lru_cache(maxsize=32)

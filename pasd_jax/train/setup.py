@@ -63,18 +63,16 @@ def fresh_start(config, models: Models, configs: Mapping[str, dict],
     """(trainable fp32, frozen fp32, base folders) for a new run; numpy trees, identical on every host.
 
     A random base (no `model.base`) is written to `<workdir>/base` by process 0 (the caller syncs hosts).
-    Random init draws from an `unsafe_rbg` key: one threefry hash per parameter makes XLA's CPU compile of a
-    model's init take minutes, the RBG generator seconds; init values only need to be random and reproducible."""
+    Random values are drawn on the host from `config.seed` (`random_params`), the same on every host."""
     mc = config.model
     names = tuple(mc.trainable)
-    k_unet, k_cn, k_vae, k_text = jax.random.split(jax.random.key(config.seed, impl="unsafe_rbg"), 4)
     if mc.init_from:
         unet, controlnet, base = _from_pasd(config, models)
         frozen = load_frozen(models, base, names, unet=unet)
         return {CONTROLNET: controlnet, UNET: partition.split_unet(unet, names)[0]}, frozen, base
-    fresh = {UNET: random_params(models.unet, k_unet), CONTROLNET: random_params(models.controlnet, k_cn)}
+    fresh = {kind: random_params(getattr(models, kind), config.seed, kind) for kind in (UNET, CONTROLNET)}
     if not mc.base:
-        fresh.update({VAE: random_params(models.vae, k_vae), TEXT_ENCODER: random_params(models.text_encoder, k_text)})
+        fresh.update({kind: random_params(getattr(models, kind), config.seed, kind) for kind in (VAE, TEXT_ENCODER)})
     paca, random_sd = partition.split_unet(fresh[UNET], names)
     if mc.base:
         base = {k: str(pathlib.Path(mc.base) / k) for k in BASE_KINDS}
