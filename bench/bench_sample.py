@@ -25,14 +25,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.common import (ASSETS, dtype_of, emit, environment, load_config, peak_memory_bytes,  # noqa: E402
                           random_params, time_fn)
 from pasd_jax import image_ops  # noqa: E402
-from pasd_jax.convert import abstract_params, build_module  # noqa: E402
+from pasd_jax.convert import build_module  # noqa: E402
 from pasd_jax.models import attention  # noqa: E402
 from pasd_jax.models.config import controlnet_config_from_unet  # noqa: E402
 from pasd_jax.sampling.pipeline import Models, PASDPipeline, SamplingOptions  # noqa: E402
@@ -60,41 +59,13 @@ def parse_case(text: str) -> dict:
     return case
 
 
-def fast_random_params(module, key: jax.Array, dtype) -> dict:
-    """Random weights of the right shapes without compiling the model's init (minutes on CPU for the PASD UNet):
-    kernels N(0, 1/fan_in), norm scales 1, biases 0, embeddings N(0, 0.02^2). One normal draw for all leaves,
-    since hundreds of separate threefry draws also compile slowly. Speed does not depend on the values; these
-    keep activations bounded."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(module))
-    sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-
-    def make(key):
-        flat = jax.random.normal(key, (int(offsets[-1]),), dtype)
-        out = []
-        for (path, leaf), start, size in zip(leaves, offsets[:-1], sizes):
-            name = str(getattr(path[-1], "key", path[-1]))
-            if name == "scale":
-                v = jnp.ones(leaf.shape, dtype)
-            elif name == "bias":
-                v = jnp.zeros(leaf.shape, dtype)
-            else:
-                std = 0.02 if (name == "embedding" or len(leaf.shape) < 2) else 1 / np.sqrt(np.prod(leaf.shape[:-1]))
-                v = (flat[int(start):int(start) + size].reshape(leaf.shape) * std).astype(dtype)
-            out.append(v)
-        return jax.tree_util.tree_unflatten(treedef, out)
-    return jax.jit(make)(key)
-
-
-def build_pipeline(model: str, dtype, init: str = "fast") -> PASDPipeline:
+def build_pipeline(model: str, dtype) -> PASDPipeline:
     ucfg = load_config(model, "unet")
     mods = {"unet": build_module("unet", ucfg, variant="pasd"),
             "controlnet": build_module("controlnet", controlnet_config_from_unet(ucfg)),
             "vae": build_module("vae", load_config(model, "vae")),
             "text_encoder": build_module("text_encoder", load_config(model, "text_encoder"))}
-    keys = jax.random.split(jax.random.PRNGKey(0), len(mods))
-    make = fast_random_params if init == "fast" else random_params
-    params = {k: make(m, r, dtype) for (k, m), r in zip(mods.items(), keys)}
+    params = {k: random_params(m, 0, dtype, stream=k) for k, m in mods.items()}
     models = Models(mods["unet"], params["unet"], mods["controlnet"], params["controlnet"], mods["vae"],
                     params["vae"], mods["text_encoder"], params["text_encoder"])
     return PASDPipeline(models, ASSETS / "sd15" / "scheduler", ASSETS / "sd15" / "tokenizer")
@@ -172,8 +143,6 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--attention", default="auto", choices=list(attention.IMPLS))
     p.add_argument("--isolate", action="store_true", help="one fresh process per case (per-case peak memory)")
-    p.add_argument("--init", default="fast", choices=["fast", "model"],
-                   help="random weights: per-leaf draws (fast) or the modules' own init (compiles it)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     a.dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(a.dtype, a.dtype)
@@ -187,7 +156,7 @@ def main() -> None:
         for c in a.cases:
             argv = [sys.executable, __file__, "--model", a.model, "--dtype", a.dtype_name, "--cases", c,
                     "--steps", str(a.steps), "--scheduler", a.scheduler, "--tile-batch", str(a.tile_batch),
-                    "--repeats", str(a.repeats), "--attention", a.attention, "--init", a.init]
+                    "--repeats", str(a.repeats), "--attention", a.attention]
             proc = subprocess.run(argv, capture_output=True, text=True, check=False)
             if proc.returncode:
                 results.append({"case": c, "error": proc.stderr[-2000:]})
@@ -197,7 +166,7 @@ def main() -> None:
         return
     with attention.attention_impl(a.attention):
         t = time.perf_counter()
-        pipe = build_pipeline(a.model, dtype_of(a.dtype_name), a.init)
+        pipe = build_pipeline(a.model, dtype_of(a.dtype_name))
         setup_s = time.perf_counter() - t
         results = []
         with tempfile.TemporaryDirectory() as tmp:

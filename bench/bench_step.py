@@ -27,8 +27,7 @@ def build(model: str, variant: str, dtype):
     ucfg = load_config(model, "unet")
     unet = build_module("unet", ucfg, variant=variant, dtype=dtype, param_dtype=dtype)
     cn = build_module("controlnet", controlnet_config_from_unet(ucfg), dtype=dtype, param_dtype=dtype)
-    key_u, key_c = jax.random.split(jax.random.PRNGKey(0))
-    return unet, random_params(unet, key_u, dtype), cn, random_params(cn, key_c, dtype)
+    return unet, random_params(unet, 0, dtype, "unet"), cn, random_params(cn, 0, dtype, "controlnet")
 
 
 def make_step(unet, cn, guidance: float = 9.0):

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.bench_sample import fast_random_params
-from bench.common import ASSETS, emit, environment, peak_memory_bytes, time_fn
+from bench.common import ASSETS, emit, environment, peak_memory_bytes, random_params, time_fn
 from configs import pasd_v1
 from pasd_jax.models import attention
 from pasd_jax.models.controlnet import controlnet_params_from_unet
@@ -49,15 +48,14 @@ def run_config(model: str, dtype: str, variant: str, resolution: int):
 
 
 def device_params(models: Models, names: tuple[str, ...], dtype) -> tuple[dict, dict]:
-    """Random trainable (fp32) and frozen (compute dtype) params made on the device, without compiling the models'
-    init (slow for the SD1.5 UNet); speed does not depend on the values."""
-    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    """Random trainable (fp32) and frozen (compute dtype) params on the device, drawn on the host (no init program
+    to compile); speed does not depend on the values."""
     cast = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x.astype(dtype), t))
-    unet = fast_random_params(models.unet, k[0], jnp.float32)
+    unet = random_params(models.unet, 0, jnp.float32, "unet")
     paca, sd = partition.split_unet(unet, names)
-    controlnet = controlnet_params_from_unet(unet, fast_random_params(models.controlnet, k[1], jnp.float32))
-    frozen = {"unet": cast(sd), "vae": fast_random_params(models.vae, k[2], dtype),
-              "text_encoder": fast_random_params(models.text_encoder, k[3], dtype)}
+    controlnet = controlnet_params_from_unet(unet, random_params(models.controlnet, 0, jnp.float32, "controlnet"))
+    frozen = {"unet": cast(sd), "vae": random_params(models.vae, 0, dtype, "vae"),
+              "text_encoder": random_params(models.text_encoder, 0, dtype, "text_encoder")}
     return {"controlnet": controlnet, "unet": paca}, frozen
 
 

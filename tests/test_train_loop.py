@@ -30,12 +30,7 @@ def config(**overrides):
     c = tiny.get_config()
     c.steps, c.checkpoint_every, c.log_every, c.progress = STEPS, 2, 1, False
     c.loader.num_workers = 0
-    for key, value in overrides.items():
-        *parents, leaf = key.split("__")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
     return c
 
 

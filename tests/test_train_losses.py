@@ -161,12 +161,7 @@ def compile_counter():
 
 def _bad(**overrides):
     c = tiny.get_config()
-    for key, value in overrides.items():
-        *parents, leaf = key.split("__")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
     return c
 
 
