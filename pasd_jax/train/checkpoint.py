@@ -10,8 +10,10 @@ Reading a run back as full PASD models (for export or fine-tuning) lives in `pas
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Mapping
@@ -65,6 +67,22 @@ class DataRestore(ocp.args.CheckpointArgs):
     pass
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice():
+    """Orbax warns that a read-only manager's directory is read only; that is the point of opening it so."""
+    log, flt = logging.getLogger("absl"), _DropReadOnlyNotice()
+    log.addFilter(flt)
+    try:
+        yield
+    finally:
+        log.removeFilter(flt)
+
+
 def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
     """A run's work dir (holding checkpoints/) or the checkpoints dir itself."""
     p = pathlib.Path(path)
@@ -81,9 +99,13 @@ class Checkpoints:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                               read_only=read_only, cleanup_tmp_directories=not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        if read_only:  # a reader: nothing to keep or clean, and no warnings about it
+            options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False,
+                                                   read_only=True, cleanup_tmp_directories=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
+        with _quiet_read_only_notice():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
