@@ -19,11 +19,12 @@ def main(argv) -> int:
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    from data_pipeline.sources import DataError
     from pasd_jax.train.loop import NonFiniteLossError, train
     from pasd_jax.train.validate import ConfigError
     try:
         result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ConfigError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{result.status} at step {result.step}: {result.metrics}")

@@ -1,7 +1,7 @@
 """PASD training at SD1.5 scale: the official recipe (train_pasd.py / train_pasd.sh, spec section 5).
 
     python train.py --config configs/pasd_v1.py --workdir runs/pasd \
-        --config.model.base=checkpoints/stable-diffusion-v1-5 --config.data.sources='[{"kind": "folder", ...}]'
+        --config.model.base=checkpoints/stable-diffusion-v1-5 --config.data.sources='({"kind": "folder", "path": "/data/hq", "weight": 1.0},)'
 
 AdamW (lr 5e-5, betas 0.9/0.999, eps 1e-8, weight decay 1e-2 on the trainable params only), constant lr, gradient
 clipping 1.0, 512 crops, 50 % null captions, DDPM epsilon loss on the SD1.5 schedule, degradation-removal L1 at 1/2,
@@ -17,6 +17,7 @@ import pathlib
 import ml_collections
 
 from data_pipeline.config import get_data_config
+from pasd_jax.prompts.rules import DEFAULT_NEGATIVE_PROMPT
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "pasd_jax" / "assets"
 
@@ -70,6 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
     # (SLURM, Open MPI, Kubernetes, Cloud TPU). Every host runs the same command and reads its own data shard.
     c.distributed = ml_collections.ConfigDict(dict(
         enabled=False, coordinator_address="", num_processes=-1, process_id=-1))
+
+    # Validation samples: every `every` steps (0: off) and at the end, the LQ images under `images` (a file or a
+    # small folder) are super-resolved with the current weights into <workdir>/validation/step_<N>/.
+    c.validation = ml_collections.ConfigDict(dict(
+        every=0, images="", upscale=4, process_size=512, steps=20, scheduler="unipc", guidance_scale=9.0,
+        added_noise_level=900, prompt="", negative_prompt=DEFAULT_NEGATIVE_PROMPT, seed=0, dtype="bfloat16"))
 
     c.log_every = 50
     c.checkpoint_every = 10_000

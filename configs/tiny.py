@@ -23,7 +23,7 @@ def get_config():
     c.model.text_encoder_config = str(TINY / "text_encoder")
     c.model.compute_dtype = "float32"
     c.optim.lr = 1e-4
-    c.data.sources = [{"kind": "procedural", "n": 256, "size": 64, "seed": 0, "weight": 1.0}]
+    c.data.sources = ({"kind": "procedural", "n": 256, "size": 64, "seed": 0, "weight": 1.0},)
     c.data.crop_size = 64
     c.data.probe_records = 2
     c.loader.num_workers = 1
@@ -31,4 +31,7 @@ def get_config():
     c.log_every = 10
     c.checkpoint_every = 50
     c.max_to_keep = 2
+    c.validation.dtype = "float32"
+    c.validation.steps = 4
+    c.validation.process_size = 64
     return c

@@ -1,6 +1,7 @@
 """Default data settings as an ml_collections ConfigDict; the training config embeds `get_data_config()`.
 
-`sources` is a list of dicts, each with a `kind` and a `weight`:
+`sources` is a tuple of dicts, each with a `kind` and a `weight` (a tuple, so that the command line can set it:
+`--config.data.sources='({"kind": "folder", "path": "/data/hq", "weight": 1.0},)'`, trailing comma included):
   {"kind": "folder", "path": ...}
   {"kind": "tar", "shards": [paths] or "glob/*.tar", "index_dir": None}
   {"kind": "tfds", "name": ..., "split": "train", "data_dir": None} or {"kind": "tfds", "builder_dir": ...}
@@ -20,7 +21,7 @@ from data_pipeline.presets import PASD
 
 def get_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.sources = [{"kind": "procedural", "n": 256, "size": 512, "seed": 0, "weight": 1.0}]
+    c.sources = ({"kind": "procedural", "n": 256, "size": 512, "seed": 0, "weight": 1.0},)
     c.crop_size = 512
     c.random_flip = True
     c.degradation = PASD.to_dict()

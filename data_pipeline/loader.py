@@ -25,7 +25,7 @@ from data_pipeline.degradation import degrade_uint8
 from data_pipeline.gt_prep import load_tokenizer, prepare_gt, tokenize
 from data_pipeline.image_io import CONVERT_KINDS, SKIP_REASONS, SkipRecord
 from data_pipeline.presets import DegradationConfig
-from data_pipeline.sources import FolderSource, Mixture, ProceduralSource, TarShardSource, TfdsSource
+from data_pipeline.sources import DataError, FolderSource, Mixture, ProceduralSource, TarShardSource, TfdsSource
 
 STATE_VERSION = 1
 
@@ -64,12 +64,20 @@ def source_from_spec(spec: Mapping[str, Any]):
                           caption_key=spec.get("caption_key", "caption"))
     if kind == "procedural":
         return ProceduralSource(spec.get("n", 256), spec.get("size", 512), spec.get("seed", 0))
-    raise ValueError(f"unknown source kind {kind!r} (folder, tar, tfds, procedural)")
+    raise DataError(f"unknown source kind {kind!r} (folder, tar, tfds, procedural)")
+
+
+SOURCES_EXAMPLE = """--config.data.sources='({"kind": "folder", "path": "/data/hq", "weight": 1.0},)'"""
 
 
 def sources_from_config(specs: Sequence[Mapping[str, Any]]) -> Mixture:
     if not specs:
-        raise ValueError("data config has no sources")
+        raise DataError(f"data config has no sources; give at least one, e.g. {SOURCES_EXAMPLE}")
+    bad = [s for s in specs if not isinstance(s, Mapping) or "kind" not in s]
+    if bad:
+        raise DataError(f"data.sources must be a tuple of dicts with a 'kind' (folder, tar, tfds, procedural), "
+                         f"got {bad[:3]}; on the command line write it as a Python tuple, with the trailing comma "
+                         f"for a single source: {SOURCES_EXAMPLE}")
     return Mixture(tuple(source_from_spec(s) for s in specs), tuple(float(s.get("weight", 1.0)) for s in specs))
 
 
@@ -157,7 +165,7 @@ def probe(source, n_probe: int, min_side: int) -> None:
     """Start-up check: an empty source, or one whose probed records all fail, is an error now, not later."""
     n = len(source)
     if n == 0:
-        raise ValueError(f"data source {source!r} is empty")
+        raise DataError(f"data source {source!r} is empty")
     picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, n_probe))})
     errors = []
     for i in picks:
@@ -170,7 +178,7 @@ def probe(source, n_probe: int, min_side: int) -> None:
             return
         except SkipRecord as e:
             errors.append(f"#{i}: {e}")
-    raise ValueError(f"every probed record of {source!r} failed ({len(picks)} tried): " + "; ".join(errors[:5]))
+    raise DataError(f"every probed record of {source!r} failed ({len(picks)} tried): " + "; ".join(errors[:5]))
 
 
 # ------------------------------------------------------------------------------------------------ pipeline

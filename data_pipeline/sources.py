@@ -32,6 +32,10 @@ CAPTION_EXTS = ("txt", "text", "caption")
 Record = dict[str, Any]
 
 
+class DataError(ValueError):
+    """A data source or data config that cannot work; the message says what to change."""
+
+
 def _first_line(data: bytes) -> str:
     text = data.decode("utf-8", errors="replace")
     return text.splitlines()[0].strip() if text else ""
@@ -131,7 +135,7 @@ class TarShardSource:
             raise FileNotFoundError("no tar shards given (or the pattern matched none)")
         for s in self.shards:
             if s.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
-                raise ValueError(f"{s}: compressed tars have no random access; use plain .tar shards")
+                raise DataError(f"{s}: compressed tars have no random access; use plain .tar shards")
         shard_ids, keys, img, txt = [], [], [], []
         self.no_image = 0
         for i, s in enumerate(self.shards):
@@ -197,7 +201,7 @@ class TfdsSource:
         import tensorflow_datasets as tfds
 
         if (name is None) == (builder_dir is None):
-            raise ValueError("give exactly one of name= or builder_dir=")
+            raise DataError("give exactly one of name= or builder_dir=")
         decoders = {image_key: tfds.decode.SkipDecoding()}
         if builder_dir is not None:
             builder = tfds.builder_from_directory(builder_dir)
@@ -277,6 +281,6 @@ class Mixture:
 
     def __post_init__(self):
         if len(self.sources) != len(self.weights) or not self.sources:
-            raise ValueError("Mixture needs one weight per source and at least one source")
+            raise DataError("Mixture needs one weight per source and at least one source")
         if any(w <= 0 for w in self.weights):
-            raise ValueError(f"Mixture weights must be positive, got {self.weights}")
+            raise DataError(f"Mixture weights must be positive, got {self.weights}")

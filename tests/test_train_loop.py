@@ -255,3 +255,35 @@ def test_start_from_own_run(runs, tmp_path):
     assert _equal(trainable["controlnet"], done["controlnet"][1]) and _equal(trainable["unet"], paca)
     assert _equal(frozen["unet"], sd)
     assert paths == done["metadata"]["base"]
+
+
+def test_validation_samples_every_n_steps(tmp_path):
+    from PIL import Image
+
+    from pasd_jax.train.validation import VALIDATION_DIR
+    lq = tmp_path / "lq"
+    lq.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(lq / "a.png")
+    c = config(validation__every=2, validation__images=str(lq), validation__steps=2, validation__upscale=4,
+               validation__scheduler="ddim", checkpoint_every=4, export_at_end=False)
+    result = loop.train(c, tmp_path / "run")
+    assert result.status == "finished"
+    outs = {s: tmp_path / "run" / VALIDATION_DIR / f"step_{s}" / "a.png" for s in (2, 4)}
+    imgs = {s: np.asarray(Image.open(p)) for s, p in outs.items()}
+    assert all(im.shape == (64, 64, 3) for im in imgs.values())
+    assert not np.array_equal(imgs[2], imgs[4]), "validation samples should follow the trained weights"
+
+
+def test_validation_needs_images(tmp_path):
+    from pasd_jax.train.validate import validate
+    with pytest.raises(ConfigError, match="validation.images='' does not exist"):
+        validate(config(validation__every=2), n_devices=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        validate(config(validation__every=2, validation__images=str(tmp_path / "empty")), n_devices=1)
+    from PIL import Image
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    with pytest.raises(ConfigError, match="validation: SamplingOptions"):
+        validate(config(validation__every=2, validation__images=str(tmp_path), validation__scheduler="euler"),
+                 n_devices=1)

@@ -193,6 +193,18 @@ class PASDPipeline:
                                      lambda dt: self._place(dt).params["text_encoder"], self._traced)
         self.eps_fn_factory: Callable[[Models], core.EpsFn] = lambda m: core.make_guided_eps(m.unet, m.controlnet)
 
+    def set_params(self, models: Models) -> None:
+        """New weights for the same modules (validation samples during training): params are arguments of the
+        compiled programs, so every program is kept; only the placed (cast, replicated) copies are redone."""
+        if not isinstance(models, Models):
+            raise TypeError(f"models must be a pasd_jax.sampling.pipeline.Models, got {type(models).__name__}")
+        for name in ("unet", "controlnet", "vae", "text_encoder"):
+            if getattr(models, name) != getattr(self.models, name):
+                raise ValueError(f"set_params: the {name} module differs; build a new PASDPipeline for new modules")
+        self.models = models
+        self._placed.clear()
+        self.text.clear()
+
     # --- bookkeeping ------------------------------------------------------------------------------------------
 
     @property

@@ -63,6 +63,10 @@ class TextEncoderCache:
         self._cache: collections.OrderedDict[tuple[str, str], jax.Array] = collections.OrderedDict()
         self._programs: dict[str, Callable] = {}
 
+    def clear(self) -> None:
+        """Forget cached embeddings (the text encoder's params changed); compiled programs stay."""
+        self._cache.clear()
+
     def _program(self, dtype: Any) -> Callable:
         name = jnp.dtype(dtype).name
         if name not in self._programs:

@@ -31,6 +31,7 @@ from pasd_jax.train.metrics import MetricsWriter
 from pasd_jax.train.models import Models, build_models, cast, load_frozen
 from pasd_jax.train.step import Diffusion
 from pasd_jax.train.validate import ConfigError, validate
+from pasd_jax.train.validation import Validator
 
 IteratorFactory = Callable[..., Iterator]
 
@@ -229,6 +230,7 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
                    f"{run.models.variant}, {partition.count(layout.trainable) / 1e6:.1f}M trainable params, mesh "
                    f"{dict(layout.mesh.shape)}, ready in {time.perf_counter() - t_start:.1f}s (setup + compile)")
     loop = _Loop(config, ckpts, writer, last_saved=run.latest)
+    validator = Validator(config, run.models, workdir) if int(config.validation.every) else None
     status = "finished"
     try:
         with StopSignals() as signals:
@@ -244,6 +246,10 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
                     loop.check_pending()                # nothing non-finite is ever saved
                     ckpts.save(state, iterator.get_state(), run.meta, wait=stop)
                     loop.last_saved = step
+                if validator is not None and not stop and validator.due(step):
+                    loop.check_pending()
+                    summary = validator(step, state["params"], run.frozen)
+                    writer.message(f"validation samples of step {step}: {summary.report().splitlines()[0]}")
                 if stop:
                     status = "preempted"
                     writer.message(f"stopped by signal {signals.received} at step {step}; checkpoint saved in "

@@ -99,4 +99,27 @@ def validate(config, *, n_devices: int, process_count: int = 1) -> dict[str, int
     _need(int(config.checkpoint_every) > 0, f"checkpoint_every={config.checkpoint_every} must be positive")
     _need(int(config.max_to_keep) > 0, f"max_to_keep={config.max_to_keep} must be positive")
     _need(int(config.log_every) > 0, f"log_every={config.log_every} must be positive")
+    check_validation(config.validation)
     return sizes
+
+
+def check_validation(v) -> None:
+    """Validation samples: the images exist and the sampling settings are valid (before any compile)."""
+    _need(int(v.every) >= 0, f"validation.every={v.every} must be >= 0 (0 turns validation samples off)")
+    if not int(v.every):
+        return
+    from pasd_jax.sampling.image_io import find_images
+    from pasd_jax.train.validation import validation_options
+
+    images = pathlib.Path(v.images) if v.images else None
+    _need(images is not None and images.exists(),
+          f"validation.images={v.images!r} does not exist: give an LQ image file or a small folder of them, or "
+          "set validation.every=0")
+    try:
+        find_images(images)
+    except FileNotFoundError as e:
+        raise ConfigError(f"validation.images: {e}") from None
+    try:
+        validation_options(v)
+    except ValueError as e:
+        raise ConfigError(f"validation: {e}") from None
