@@ -84,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("jax").setLevel(logging.WARNING)
+    for noisy in ("jax", "absl"):  # JAX backend probing, Orbax file-by-file INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from pasd_jax.convert.io import WeightFileError
     from pasd_jax.models.config import ConfigError
     from pasd_jax.prompts import MissingDependencyError, build_prompt_fn

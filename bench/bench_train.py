@@ -155,7 +155,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "case.json")
             cmd = [sys.executable, __file__, "--model", a.model, "--variant", a.variant, "--dtype", a.dtype,
-                   "--resolution", str(a.resolution), "--cases", case, "--steps", str(a.steps), "--no-isolate", "--out", out]
+                   "--resolution", str(a.resolution), "--cases", case, "--steps", str(a.steps), "--no-isolate",
+                   "--out", out]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             done = os.path.exists(out)
             if done:

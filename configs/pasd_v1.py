@@ -1,7 +1,8 @@
 """PASD training at SD1.5 scale: the official recipe (train_pasd.py / train_pasd.sh, spec section 5).
 
-    python train.py --config configs/pasd_v1.py --workdir runs/pasd \
-        --config.model.base=checkpoints/stable-diffusion-v1-5 --config.data.sources='({"kind": "folder", "path": "/data/hq", "weight": 1.0},)'
+    python train.py --config configs/pasd_v1.py --workdir runs/pasd \\
+        --config.model.base=checkpoints/stable-diffusion-v1-5 \\
+        --config.data.sources='({"kind": "folder", "path": "/data/hq", "weight": 1.0},)'
 
 AdamW (lr 5e-5, betas 0.9/0.999, eps 1e-8, weight decay 1e-2 on the trainable params only), constant lr, gradient
 clipping 1.0, 512 crops, 50 % null captions, DDPM epsilon loss on the SD1.5 schedule, degradation-removal L1 at 1/2,

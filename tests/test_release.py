@@ -129,6 +129,11 @@ def test_cli(tiny, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert convert_main(["import", "--pasd", str(tiny / "unet"), "--out", str(tmp_path / "x")]) == 2
     assert "not an official PASD checkpoint" in capsys.readouterr().err
+    assert convert_main(["export", "--ckpt", str(tmp_path / "no_run"), "--out", str(tmp_path / "y")]) == 2
+    assert "no_run does not exist: give a train.py work dir" in capsys.readouterr().err
+    (tmp_path / "empty_run").mkdir()
+    assert convert_main(["export", "--ckpt", str(tmp_path / "empty_run"), "--out", str(tmp_path / "y")]) == 2
+    assert "no finished checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         convert_main(["--help"])
     assert e.value.code == 0

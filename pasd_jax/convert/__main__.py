@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pasd_jax").setLevel(logging.INFO)  # our progress; JAX and Orbax only when they warn
     from pasd_jax.convert import release  # after argument parsing: --help needs no JAX
     from pasd_jax.train.export import export_train_checkpoint  # reads train.py runs
 
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 files = list(cache.root.glob("*.safetensors")) if cache.root.is_dir() else []
                 size = sum(f.stat().st_size for f in files)
                 print(f"{cache.root}: {len(files)} entries, {size / 2**20:.1f} MiB")
-    except (release.ReleaseError, WeightFileError, ValueError) as e:
+    except (release.ReleaseError, WeightFileError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -29,6 +29,8 @@ def restore_for_export(ckpt_dir: str | os.PathLike, step: int | None = None) -> 
     `ckpt_dir` is a run's work dir or its checkpoints/ dir; `step` defaults to the latest finished one.
     """
     ckdir = checkpoint_dir(ckpt_dir)
+    if not ckdir.is_dir():
+        raise FileNotFoundError(f"{ckpt_dir} does not exist: give a train.py work dir (or its checkpoints/ folder)")
     ck = Checkpoints(ckdir, read_only=True)
     try:
         step = ck.latest_step() if step is None else step

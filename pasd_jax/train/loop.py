@@ -153,7 +153,7 @@ def _plan(config, ckpts: ckpt_lib.Checkpoints) -> tuple[int | None, dict | None,
         _check_resume(previous, config)
     configs = previous["model_configs"] if previous else setup.model_config_dicts(config.model)
     models = build_models(configs, config.model.variant, jnp.dtype(config.model.compute_dtype),
-                                bool(config.model.remat))
+                          bool(config.model.remat))
     return latest, previous, configs, models
 
 
