@@ -15,7 +15,9 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pasd_jax.train.metrics import read_metrics
 
@@ -72,7 +74,12 @@ def two_processes(setting, cache_dir):
     """train.py as 2 processes x 4 CPU devices on a (2, 4) mesh, started here so it runs beside the worker."""
     root, overrides = setting
     port = _free_port()
-    flags = [f"--config.{k}={v}" for k, v in overrides.items()] + [
+    lq = root / "validation_lq"
+    lq.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(lq / "a.png")
+    validation = ["--config.validation.every=3", f"--config.validation.images={lq}", "--config.validation.steps=2",
+                  "--config.validation.scheduler=ddim"]
+    flags = validation + [f"--config.{k}={v}" for k, v in overrides.items()] + [
         "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.steps=3", "--config.log_every=1",
         "--config.checkpoint_every=3", "--config.progress=False", "--config.distributed.enabled=True",
         f"--config.distributed.coordinator_address=localhost:{port}", "--config.distributed.num_processes=2"]
@@ -153,7 +160,8 @@ def test_restore_onto_another_mesh(mesh_run):
 
 def test_two_processes_match_one_process(mesh_run, two_processes):
     """train.py on 2 processes x 4 CPU devices (jax.distributed, gloo): each reads its own data shard, and the
-    first 3 losses equal the single-process 8-device (2, 4) run; the checkpoint holds one loader state per host."""
+    first 3 losses equal the single-process 8-device (2, 4) run; the checkpoint holds one loader state per host;
+    validation samples are written once."""
     run, procs = two_processes
     for p in procs:
         _, err = p.communicate(timeout=900)
@@ -167,3 +175,5 @@ def test_two_processes_match_one_process(mesh_run, two_processes):
     data = run / "checkpoints" / "3" / "data"
     assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
     assert (run / "export" / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # validation samples: params gathered from both hosts, process 0 samples on its devices and writes
+    assert np.asarray(Image.open(run / "validation" / "step_3" / "a.png")).shape == (64, 64, 3)

@@ -249,7 +249,8 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
                 if validator is not None and not stop and validator.due(step):
                     loop.check_pending()
                     summary = validator(step, state["params"], run.frozen)
-                    writer.message(f"validation samples of step {step}: {summary.report().splitlines()[0]}")
+                    if summary is not None:
+                        writer.message(f"validation samples of step {step}: {summary.report().splitlines()[0]}")
                 if stop:
                     status = "preempted"
                     writer.message(f"stopped by signal {signals.received} at step {step}; checkpoint saved in "

@@ -3,12 +3,12 @@
 Every `validation.every` steps (and at the end) the images under `validation.images` go through the same path as
 `sample.py` (official preprocessing, per-image seeds from `validation.seed` and the file name, colour fix) and are
 written to `<workdir>/validation/step_<N>/`. The sampling programs compile once: later validations only pass new
-params. Every process takes part (the params are sharded over the mesh); process 0 writes the images.
+params. One process samples on all devices in place; with several processes the params are first gathered to the
+hosts (a collective every process joins; the frozen base once per run) and process 0 samples on its own devices.
 """
 from __future__ import annotations
 
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
@@ -16,7 +16,7 @@ import jax
 from pasd_jax.sampling import runner
 from pasd_jax.sampling.pipeline import Models as SamplingModels
 from pasd_jax.sampling.pipeline import PASDPipeline, SamplingOptions
-from pasd_jax.train import partition
+from pasd_jax.train import partition, sharding
 from pasd_jax.train.models import Models
 
 VALIDATION_DIR = "validation"
@@ -40,24 +40,31 @@ class Validator:
         self.scheduler, self.tokenizer = config.diffusion.scheduler, config.loader.tokenizer
         self.options, self.settings = validation_options(self.v)
         self.pipeline: PASDPipeline | None = None
+        self._frozen_host: Any = None
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.last)
 
-    def __call__(self, step: int, trainable: Any, frozen: Any) -> runner.Summary:
+    def __call__(self, step: int, trainable: Any, frozen: Any) -> runner.Summary | None:
+        """Sample and write; None on processes other than 0."""
+        devices = None
+        if jax.process_count() > 1:
+            trainable = sharding.to_host(trainable)
+            if self._frozen_host is None:
+                self._frozen_host = sharding.to_host(frozen)
+            frozen = self._frozen_host
+            if jax.process_index() != 0:
+                return None
+            devices = jax.local_devices()
         m = self.models
         params = SamplingModels(m.unet, partition.merge(frozen["unet"], trainable["unet"]),
                                 m.controlnet, trainable["controlnet"], m.vae, frozen["vae"],
                                 m.text_encoder, frozen["text_encoder"])
         if self.pipeline is None:
-            self.pipeline = PASDPipeline(params, self.scheduler, self.tokenizer)
+            self.pipeline = PASDPipeline(params, self.scheduler, self.tokenizer, devices=devices)
         else:
             self.pipeline.set_params(params)
         prompt = str(self.v.prompt)
-        out = self.workdir / VALIDATION_DIR / f"step_{step}"
-        if jax.process_index() == 0:
-            return runner.run(self.pipeline, self.options, self.v.images, out, self.settings,
-                              lambda image, rel: prompt, progress=False)
-        with tempfile.TemporaryDirectory() as scratch:  # the others sample too (collectives), and write nothing
-            return runner.run(self.pipeline, self.options, self.v.images, scratch, self.settings,
-                              lambda image, rel: prompt, progress=False)
+        return runner.run(self.pipeline, self.options, self.v.images,
+                          self.workdir / VALIDATION_DIR / f"step_{step}", self.settings,
+                          lambda image, rel: prompt, progress=False)
