@@ -23,13 +23,9 @@ def host_params(module: Any, seed: int, *, stream: str = "", inputs: tuple | Non
     """Params of `module` as numpy arrays in its param dtype. `stream` names the model, so that two models drawn
     with one seed (a UNet and a VAE both have `conv_in/kernel`) get independent values; `inputs` default to the
     module's `dummy_inputs()`."""
-    record: dict[tuple[str, ...], layers.Init] = {}
-    token = layers._RECORD.set(record)
-    try:
-        args = module.dummy_inputs() if inputs is None else inputs
+    args = module.dummy_inputs() if inputs is None else inputs
+    with layers.recording_inits() as record:
         shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args)["params"])
-    finally:
-        layers._RECORD.reset(token)
     flat = traverse_util.flatten_dict(shapes)
     missing = ["/".join(p) for p in flat if p not in record]
     if missing:

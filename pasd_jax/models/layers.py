@@ -7,9 +7,11 @@ diffusers' Flax models.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import jax
@@ -45,6 +47,17 @@ class Init:
 
 ZEROS, ONES = Init("constant", 0.0), Init("constant", 1.0)
 _RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pasd_init_record", default=None)
+
+
+@contextlib.contextmanager
+def recording_inits() -> Iterator[dict[tuple[str, ...], Init]]:
+    """Within the block, `param` records {parameter path: its Init} into the yielded dict."""
+    record: dict[tuple[str, ...], Init] = {}
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
 
 
 def param(module: nn.Module, name: str, init: Init, shape: Sequence[int], dtype: Dtype) -> jax.Array:
