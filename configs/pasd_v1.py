@@ -74,7 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
         enabled=False, coordinator_address="", num_processes=-1, process_id=-1))
 
     # Validation samples: every `every` steps (0: off) and at the end, the LQ images under `images` (a file or a
-    # small folder) are super-resolved with the current weights into <workdir>/validation/step_<N>/.
+    # small folder: a preemption signal is acted on after the samples) are super-resolved with the current weights
+    # into <workdir>/validation/step_<N>/; a failing validation is reported and training goes on.
     c.validation = ml_collections.ConfigDict(dict(
         every=0, images="", upscale=4, process_size=512, steps=20, scheduler="unipc", guidance_scale=9.0,
         added_noise_level=900, prompt="", negative_prompt=DEFAULT_NEGATIVE_PROMPT, seed=0, dtype="bfloat16"))

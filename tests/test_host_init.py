@@ -62,6 +62,15 @@ def test_distributions_are_the_modules_own(models):
     assert abs(float(w.std()) - std) < 0.25 * std
 
 
+def test_remat_modules_keep_their_paths():
+    c = tiny.get_config()
+    remat = build_models(setup.model_config_dicts(c.model), c.model.variant, remat=True)
+    for kind in ("unet", "controlnet"):
+        module = getattr(remat, kind)
+        got = partition.flatten(host_params(module, 0, stream=kind))
+        assert got.keys() == partition.flatten(abstract(module)).keys(), kind
+
+
 def test_same_distributions_as_jax_init(models):
     """The jitted `module.init` and the host draw agree in distribution (mean/std per tensor, loosely)."""
     module = models.text_encoder

@@ -275,6 +275,23 @@ def test_validation_samples_every_n_steps(tmp_path):
     assert not np.array_equal(imgs[2], imgs[4]), "validation samples should follow the trained weights"
 
 
+def test_failed_validation_does_not_stop_training(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from pasd_jax.train.validation import Validator
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+
+    def boom(self, *args):
+        raise RuntimeError("out of memory (test)")
+
+    monkeypatch.setattr(Validator, "__call__", boom)
+    result = loop.train(config(validation__every=2, validation__images=str(tmp_path / "a.png"), export_at_end=False),
+                        tmp_path / "run")
+    assert (result.status, result.step) == ("finished", STEPS)
+    assert ("validation samples of step 2 failed (RuntimeError: out of memory (test)); training continues"
+            in capsys.readouterr().out)
+
+
 def test_validation_needs_images(tmp_path):
     from pasd_jax.train.validate import validate
     with pytest.raises(ConfigError, match="validation.images='' does not exist"):

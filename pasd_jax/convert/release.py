@@ -248,7 +248,7 @@ def load_checkpoint(path: PathLike, *, dtype: Any = jnp.float32, param_dtype: An
                     remat: bool = False, cache: "ConversionCache | PathLike | bool | None" = None
                     ) -> dict[str, Model]:
     """What `sample.py --ckpt` loads: an imported Flax folder, or an official PyTorch folder (converted once, then
-    served from the conversion cache). A `train.py` checkpoint goes through `pasd_jax.train.checkpoint`."""
+    served from the conversion cache). A `train.py` checkpoint goes through `pasd_jax.train.export`."""
     path = pathlib.Path(path)
     if is_flax_checkpoint(path):
         return load_flax_checkpoint(path, dtype=dtype, param_dtype=param_dtype, remat=remat)

@@ -313,8 +313,9 @@ def load_categories(weights_path: PathLike | None = None, categories_file: PathL
 
         names = list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or len(names) != num_classes:
+        length = len(names) if hasattr(names, "__len__") else "?"
         raise WeightFileError(f"category names must be a JSON list of {num_classes} strings "
-                              f"(got {type(names).__name__} of length {len(names) if hasattr(names, '__len__') else '?'})")
+                              f"(got {type(names).__name__} of length {length})")
     return names
 
 

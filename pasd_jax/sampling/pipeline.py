@@ -188,6 +188,7 @@ class PASDPipeline:
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._programs: dict[tuple, Callable] = {}
         self._placed: dict[str, _Placed] = {}
+        self._cast_fns: dict[str, Callable] = {}
         self._schedulers: dict[tuple, Any] = {}
         self.text = TextEncoderCache(self.tokenizer, lambda dt: self._place(dt).modules.text_encoder,
                                      lambda dt: self._place(dt).params["text_encoder"], self._traced)
@@ -202,6 +203,11 @@ class PASDPipeline:
             if getattr(models, name) != getattr(self.models, name):
                 raise ValueError(f"set_params: the {name} module differs; build a new PASDPipeline for new modules")
         self.models = models
+        self.release()
+
+    def release(self) -> None:
+        """Drop the placed (cast, replicated) params and cached embeddings, keeping the compiled programs: a
+        training run calls this after its validation samples so the copies do not hold device memory."""
         self._placed.clear()
         self.text.clear()
 
@@ -245,8 +251,11 @@ class PASDPipeline:
 
             rep = sharding.replicated(self.mesh)
             if any(needs_cast(x) for x in jax.tree_util.tree_leaves(tree)):
-                params = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x.astype(dt) if needs_cast(x) else x, t),
-                                 out_shardings=rep)(tree)
+                if dtype_name not in self._cast_fns:  # one program per dtype, reused by set_params
+                    self._cast_fns[dtype_name] = jax.jit(
+                        lambda t: jax.tree_util.tree_map(lambda x: x.astype(dt) if needs_cast(x) else x, t),
+                        out_shardings=rep)
+                params = self._cast_fns[dtype_name](tree)
             else:
                 params = jax.device_put(tree, rep)
             self._placed[dtype_name] = _Placed(modules, params)

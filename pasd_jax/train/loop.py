@@ -230,7 +230,8 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
                    f"{run.models.variant}, {partition.count(layout.trainable) / 1e6:.1f}M trainable params, mesh "
                    f"{dict(layout.mesh.shape)}, ready in {time.perf_counter() - t_start:.1f}s (setup + compile)")
     loop = _Loop(config, ckpts, writer, last_saved=run.latest)
-    validator = Validator(config, run.models, workdir) if int(config.validation.every) else None
+    validation = config.get("validation")
+    validator = Validator(config, run.models, workdir) if validation and int(validation.every) else None
     status = "finished"
     try:
         with StopSignals() as signals:
@@ -248,9 +249,8 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
                     loop.last_saved = step
                 if validator is not None and not stop and validator.due(step):
                     loop.check_pending()
-                    summary = validator(step, state["params"], run.frozen)
-                    if summary is not None:
-                        writer.message(f"validation samples of step {step}: {summary.report().splitlines()[0]}")
+                    _validate(validator, step, state, run.frozen, writer)
+                    loop.t0 = time.perf_counter()       # validation time is not training throughput
                 if stop:
                     status = "preempted"
                     writer.message(f"stopped by signal {signals.received} at step {step}; checkpoint saved in "
@@ -260,6 +260,17 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
     finally:
         writer.close()
     return RunResult(step=step, status=status, metrics=loop.last_row), state
+
+
+def _validate(validator: Validator, step: int, state: dict, frozen: dict, writer: MetricsWriter) -> None:
+    """Validation samples; a failure (out of memory, images removed) is reported and training goes on."""
+    try:
+        summary = validator(step, state["params"], frozen)
+    except Exception as e:  # noqa: BLE001 - a validation sample is never worth a training run
+        writer.message(f"validation samples of step {step} failed ({type(e).__name__}: {e}); training continues")
+        return
+    if summary is not None:
+        writer.message(f"validation samples of step {step}: {summary.report().splitlines()[0]}")
 
 
 class _Loop:

@@ -2,9 +2,10 @@
 
 Inside one jit: for each of the `grad_accum` micro-batches, VAE-encode the GT and draw the posterior sample, the
 noise, the timestep and the null-caption mask from per-sample keys folded from (run key, step, sample position);
-encode the text; run ControlNet + UNet; take gradients of the trainable params only. The averaged gradients go through the
-optax chain (clip 1.0 -> AdamW). Randomness depends only on the step number, so a resumed run draws exactly what an
-uninterrupted one draws. `draw_inputs` and `forward_losses` are separate so tests can inject the model inputs.
+encode the text; run ControlNet + UNet; take gradients of the trainable params only. The averaged gradients go
+through the optax chain (clip 1.0 -> AdamW). Randomness depends only on the step number, so a resumed run draws
+exactly what an uninterrupted one draws. `draw_inputs` and `forward_losses` are separate so tests can inject the
+model inputs.
 """
 from __future__ import annotations
 

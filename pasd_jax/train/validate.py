@@ -99,7 +99,8 @@ def validate(config, *, n_devices: int, process_count: int = 1) -> dict[str, int
     _need(int(config.checkpoint_every) > 0, f"checkpoint_every={config.checkpoint_every} must be positive")
     _need(int(config.max_to_keep) > 0, f"max_to_keep={config.max_to_keep} must be positive")
     _need(int(config.log_every) > 0, f"log_every={config.log_every} must be positive")
-    check_validation(config.validation)
+    if config.get("validation") is not None:
+        check_validation(config.validation)
     return sizes
 
 

@@ -41,6 +41,7 @@ class Validator:
         self.options, self.settings = validation_options(self.v)
         self.pipeline: PASDPipeline | None = None
         self._frozen_host: Any = None
+        self._frozen_gathered = False
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.last)
@@ -50,8 +51,10 @@ class Validator:
         devices = None
         if jax.process_count() > 1:
             trainable = sharding.to_host(trainable)
-            if self._frozen_host is None:
-                self._frozen_host = sharding.to_host(frozen)
+            if not self._frozen_gathered:  # once per run; only process 0 keeps it
+                gathered = sharding.to_host(frozen)
+                self._frozen_host = gathered if jax.process_index() == 0 else None
+                self._frozen_gathered = True
             frozen = self._frozen_host
             if jax.process_index() != 0:
                 return None
@@ -65,6 +68,9 @@ class Validator:
         else:
             self.pipeline.set_params(params)
         prompt = str(self.v.prompt)
-        return runner.run(self.pipeline, self.options, self.v.images,
-                          self.workdir / VALIDATION_DIR / f"step_{step}", self.settings,
-                          lambda image, rel: prompt, progress=False)
+        try:
+            return runner.run(self.pipeline, self.options, self.v.images,
+                              self.workdir / VALIDATION_DIR / f"step_{step}", self.settings,
+                              lambda image, rel: prompt, progress=False)
+        finally:
+            self.pipeline.release()  # the replicated copies would otherwise sit in device memory until next time
