@@ -6,7 +6,6 @@ Prints the max |difference| for each op on random inputs; the results are quoted
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -16,13 +15,11 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from official_env import load_official  # noqa: E402
+from official_env import load_official, parser  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pasd-dir", default=str(REPO / "third_party" / "PASD"))
-    args = ap.parse_args()
+    args = parser(__doc__, examples=False).parse_args()
     load_official(args.pasd_dir)
     import torch
     import torch.nn.functional as F

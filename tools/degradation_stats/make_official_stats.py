@@ -11,11 +11,9 @@ the statistics from `data_pipeline.pair_stats.pair_stats`. Only numbers are writ
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import platform
-import random
 import sys
 import time
 
@@ -25,32 +23,22 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from official_env import load_official  # noqa: E402
+from official_env import official_degradation, parser  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pasd-dir", default=str(REPO / "third_party" / "PASD"))
-    ap.add_argument("--examples", default=str(REPO.parent / "shared" / "examples"))
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "tests" / "data" / "official_degradation_stats.json"))
     ap.add_argument("--dump-lq", default=None, help="also save the official LQ images (uint8 .npy, not committed)")
     args = ap.parse_args()
 
-    realesrgan = load_official(args.pasd_dir)
+    deg = official_degradation(args.pasd_dir, args.seed)
     import cv2
     import torch
 
     from data_pipeline.pair_stats import STAT_NAMES, STATS_VERSION, pair_stats, reference_crops
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    # the official code draws from the global python, numpy and torch generators
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    deg = realesrgan.RealESRGAN_degradation(device="cpu")
 
     stats = {k: [] for k in STAT_NAMES}
     lqs = []
@@ -70,7 +58,8 @@ def main() -> None:
     meta = {
         "what": "per-pair statistics of PASD's official degradation (degrade_process, resize_bak=True)",
         "pasd_commit": "yangxy/PASD@396f9ac",
-        "stats_version": STATS_VERSION, "n": args.n, "seed": args.seed, "crops": "data_pipeline.pair_stats.reference_crops(examples, n, seed)",
+        "stats_version": STATS_VERSION, "n": args.n, "seed": args.seed,
+        "crops": "data_pipeline.pair_stats.reference_crops(examples, n, seed)",
         "examples": "shared/examples (RealSRSet + Set5)",
         "torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
         "python": platform.python_version(), "seconds": round(elapsed, 1),

@@ -6,9 +6,13 @@ formula (0.2989 R + 0.587 G + 0.114 B).
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
+import random
 import sys
 import types
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _stub_torchvision() -> None:
@@ -48,3 +52,28 @@ def load_official(pasd_dir: str | pathlib.Path):
     import pasd.dataloader.realesrgan as realesrgan  # noqa: E402
 
     return realesrgan
+
+
+def parser(doc: str | None, *, examples: bool = True) -> argparse.ArgumentParser:
+    """The tools' common flags: the official checkout and (optionally) the example images."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--pasd-dir", default=str(REPO / "third_party" / "PASD"))
+    if examples:
+        ap.add_argument("--examples", default=str(REPO.parent / "shared" / "examples"))
+    return ap
+
+
+def official_degradation(pasd_dir: str | pathlib.Path, seed: int):
+    """PASD's `RealESRGAN_degradation` on one CPU thread, with the global python, numpy and torch generators (the
+    ones the official code draws from) seeded."""
+    realesrgan = load_official(pasd_dir)
+    import cv2
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return realesrgan.RealESRGAN_degradation(device="cpu")

@@ -4,41 +4,29 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import random
 import sys
 import time
 
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from official_env import load_official  # noqa: E402
+from official_env import official_degradation, parser  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pasd-dir", default=str(REPO / "third_party" / "PASD"))
-    ap.add_argument("--examples", default=str(REPO.parent / "shared" / "examples"))
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    realesrgan = load_official(args.pasd_dir)
-    import cv2
+    deg = official_degradation(args.pasd_dir, 0)
     import torch
 
     from data_pipeline.pair_stats import reference_crops
 
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
-    deg = realesrgan.RealESRGAN_degradation(device="cpu")
     crops = [c / 255.0 for c in reference_crops(args.examples, args.n, seed=0)]
     for c in crops[:5]:
         deg.degrade_process(c, resize_bak=True)
