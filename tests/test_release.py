@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from pasd_jax.convert.personalize import apply_lora, swap_base
 from pasd_jax.convert.release import (FLAX_WEIGHTS, ReleaseError, ReleaseInfo, export_release, import_official,
                                       load_checkpoint, load_flax_checkpoint, release_key_shapes)
 from pasd_jax.models.blocks import PASD
+from pasd_jax.safe_write import OutputPathError
 
 SUBS = ("unet", "controlnet")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -81,7 +83,7 @@ def test_existing_output_needs_overwrite(loaded, tmp_path):
     out = tmp_path / "release"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ReleaseError, match="already exists"):
+    with pytest.raises(OutputPathError, match="already exists"):
         export_release(out, unet=loaded["unet"], controlnet=loaded["controlnet"], info=ReleaseInfo("pasd"))
     assert (out / "keep.txt").read_text() == "mine"
     export_release(out, unet=loaded["unet"], controlnet=loaded["controlnet"], info=ReleaseInfo("pasd"),
@@ -265,3 +267,44 @@ def test_export_of_a_train_checkpoint(train_run, tiny, loaded, tmp_path, capsys)
     assert all(_same_tree(back[s][1], loaded[s][1]) for s in SUBS)
     assert convert_main(["export", "--ckpt", str(train_run), "--out", str(out)]) == 2  # refused before reading
     assert "already exists" in capsys.readouterr().err
+
+
+def _tree_bytes(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_never_writes_over_its_run(train_run, tmp_path, capsys):
+    """Issue 13.1: `export --ckpt RUN --out RUN --overwrite` deleted the whole run and exited 0."""
+    before = _tree_bytes(train_run)
+    link = tmp_path / "link_to_run"
+    link.symlink_to(train_run)
+    for out in (train_run, train_run / "release", train_run / "checkpoints", train_run.parent, link):
+        assert convert_main(["export", "--ckpt", str(train_run), "--out", str(out), "--overwrite"]) == 2, out
+        err = capsys.readouterr().err
+        print(out, "->", err.strip())
+        assert "could destroy the input" in err and "choose an output folder outside it" in err
+    assert _tree_bytes(train_run) == before  # every checkpoint, metric and event file is still there, unchanged
+
+
+def test_import_never_writes_over_its_source(tiny, tmp_path, capsys):
+    src = tmp_path / "official"
+    shutil.copytree(tiny, src)
+    before = _tree_bytes(src)
+    for out in (src, src / "unet", src / "flax", tmp_path):
+        assert convert_main(["import", "--pasd", str(src), "--out", str(out), "--overwrite"]) == 2, out
+        assert "could destroy the input" in capsys.readouterr().err
+    assert _tree_bytes(src) == before
+
+
+def test_staged_write_guard_covers_every_caller(loaded, tmp_path):
+    from pasd_jax.safe_write import staged_write
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data.bin").write_bytes(b"precious")
+    with pytest.raises(OutputPathError, match="is the input"):
+        staged_write(src, lambda tmp: None, inputs=[src], overwrite=True)
+    with pytest.raises(OutputPathError, match="lies inside the input"):
+        export_release(src / "rel", unet=loaded["unet"], controlnet=loaded["controlnet"],
+                       info=ReleaseInfo("pasd"), overwrite=True, inputs=[src])
+    assert (src / "data.bin").read_bytes() == b"precious"

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from pasd_jax.convert.cache import ENV, resolve_cache
 from pasd_jax.convert.io import WeightFileError
+from pasd_jax.safe_write import OutputPathError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 files = list(cache.root.glob("*.safetensors")) if cache.root.is_dir() else []
                 size = sum(f.stat().st_size for f in files)
                 print(f"{cache.root}: {len(files)} entries, {size / 2**20:.1f} MiB")
-    except (release.ReleaseError, WeightFileError, ValueError, FileNotFoundError) as e:
+    except (release.ReleaseError, OutputPathError, WeightFileError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,9 +14,7 @@ import dataclasses
 import datetime
 import logging
 import pathlib
-import shutil
-import uuid
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +27,7 @@ from pasd_jax.convert.folders import CONTROLNET, UNET, kind_of, style_of, to_pyt
 from pasd_jax.convert.io import PathLike, WeightFileError, read_json, write_json
 from pasd_jax.convert.tree import expected_torch_shapes
 from pasd_jax.models.blocks import PLAIN
+from pasd_jax.safe_write import refuse_existing, refuse_overlap, staged_write
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +52,6 @@ class ReleaseInfo:
     trainable_modules: tuple[str, ...] = DEFAULT_TRAINABLE
     source: str | None = None
     notes: tuple[str, ...] = ()
-
-
-# ------------------------------------------------------------------------------------------ staging
-
-def refuse_existing(out: pathlib.Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise ReleaseError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-
-
-def staged_write(out: PathLike, write: Callable[[pathlib.Path], None], *, overwrite: bool = False) -> pathlib.Path:
-    """Run `write(tmp)` into a fresh folder beside `out`, then move it into place (replacing `out` only if asked)."""
-    out = pathlib.Path(out)
-    refuse_existing(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.with_name(f".{out.name}.partial-{tag}")
-    old = out.with_name(f".{out.name}.old-{tag}")
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -135,9 +105,12 @@ def readme_text(info: ReleaseInfo, counts: Mapping[str, tuple[int, int]], widene
 
 
 def export_release(out: PathLike, *, unet: Model, controlnet: Model, info: ReleaseInfo,
-                   overwrite: bool = False) -> pathlib.Path:
-    """Write `out/unet`, `out/controlnet` (official layout, fp32) and `out/README.md`; returns `out`."""
+                   overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> pathlib.Path:
+    """Write `out/unet`, `out/controlnet` (official layout, fp32) and `out/README.md`; returns `out`.
+
+    `inputs`: the folders the params were read from; an `out` that overlaps one is refused."""
     out = pathlib.Path(out)
+    refuse_overlap(out, inputs)
     refuse_existing(out, overwrite)
     for sub, (module, _) in ((UNET, unet), (CONTROLNET, controlnet)):
         if kind_of(module) != sub:
@@ -164,7 +137,7 @@ def export_release(out: PathLike, *, unet: Model, controlnet: Model, info: Relea
             counts[sub] = (len(on_disk), _param_count(params))
         (tmp / "README.md").write_text(readme_text(info, counts, widened))
 
-    staged_write(out, write, overwrite=overwrite)
+    staged_write(out, write, inputs=inputs, overwrite=overwrite)
     log.info("exported %s (%s, step %s)", out, info.variant, info.step)
     return out
 
@@ -209,6 +182,7 @@ def is_flax_checkpoint(path: PathLike) -> bool:
 def import_official(pasd: PathLike, out: PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """An official PASD checkpoint folder -> our Flax-layout folder (`unet/`, `controlnet/`, marker file)."""
     pasd, out = pathlib.Path(pasd), pathlib.Path(out)
+    refuse_overlap(out, [pasd])
     refuse_existing(out, overwrite)
     if not is_official_checkpoint(pasd):
         raise ReleaseError(f"{pasd} is not an official PASD checkpoint: expected unet/ and controlnet/ folders with "
@@ -224,7 +198,7 @@ def import_official(pasd: PathLike, out: PathLike, *, overwrite: bool = False) -
         write_json({"format": FLAX_FORMAT, "version": 1, "variant": loaded[UNET][0].variant,
                     "source": str(pasd.resolve()), "components": list(SUBFOLDERS)}, tmp / FLAX_MARKER)
 
-    staged_write(out, write, overwrite=overwrite)
+    staged_write(out, write, inputs=[pasd], overwrite=overwrite)
     log.info("imported %s -> %s (%s)", pasd, out, loaded[UNET][0].variant)
     return out
 

@@ -14,8 +14,8 @@ from typing import Any
 from pasd_jax.convert import to_pytorch
 from pasd_jax.convert.folders import CONTROLNET, UNET
 from pasd_jax.convert.io import PathLike
-from pasd_jax.convert.release import (DEFAULT_TRAINABLE, ReleaseInfo, describe_base, export_release, lookup_config,
-                                      refuse_existing)
+from pasd_jax.convert.release import DEFAULT_TRAINABLE, ReleaseInfo, describe_base, export_release, lookup_config
+from pasd_jax.safe_write import refuse_existing, refuse_overlap
 from pasd_jax.train import partition
 from pasd_jax.train.checkpoint import Checkpoints, checkpoint_dir, resolve_base
 from pasd_jax.train.models import abstract, build_models, load_frozen
@@ -62,6 +62,7 @@ def export_train_checkpoint(ckpt_dir: PathLike, out: PathLike, *, step: int | No
                             overwrite: bool = False) -> pathlib.Path:
     """Export a `train.py` checkpoint (full PASD UNet incl. the SD base, ControlNet) as an official release."""
     out = pathlib.Path(out)
+    refuse_overlap(out, [ckpt_dir])
     refuse_existing(out, overwrite)
     restored = restore_for_export(ckpt_dir, step=step)
     meta = dict(restored.get("metadata") or {})
@@ -72,4 +73,6 @@ def export_train_checkpoint(ckpt_dir: PathLike, out: PathLike, *, step: int | No
                        base=describe_base(meta.get("base") or lookup_config(cfg, ("model", "base"))),
                        trainable_modules=tuple(trainable or DEFAULT_TRAINABLE),
                        source=str(pathlib.Path(ckpt_dir).resolve()))
-    return export_release(out, unet=unet, controlnet=controlnet, info=info, overwrite=overwrite)
+    base = meta.get("base")
+    inputs = [ckpt_dir, *(base.values() if isinstance(base, dict) else [])]
+    return export_release(out, unet=unet, controlnet=controlnet, info=info, overwrite=overwrite, inputs=inputs)
