@@ -12,7 +12,7 @@ from PIL import Image
 from pasd_jax.convert.io import WeightFileError
 from pasd_jax.prompts import (DEFAULT_ADDED_PROMPT, CaptionProvider, CaptionsFileError, ClassificationProvider,
                               DetectionProvider, MissingDependencyError, NoneProvider, build_prompt_fn,
-                              load_captions_file, make_prompt_fn, negative_prompt_for, providers, rules)
+                              load_captions_file, make_prompt_fn, negative_prompt_for, rules)
 
 ADDED = "clean, high-resolution, 8k"
 CATS = ["tench", "goldfish", "tabby cat"] + [f"class {i}" for i in range(3, 20)]
@@ -258,7 +258,7 @@ def test_threshold_change_reuses_cached_classification(tmp_path):
 def no_optional_packages(monkeypatch):
     real = importlib.util.find_spec
     absent = {"ultralytics", "open_clip", "torch", "torchvision"}
-    monkeypatch.setattr(providers.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.split(".")[0] in absent else real(name, *a))
 
 
@@ -266,7 +266,7 @@ def no_optional_packages(monkeypatch):
 def fake_installed(monkeypatch):
     real = importlib.util.find_spec
     present = {"ultralytics", "open_clip", "torch"}
-    monkeypatch.setattr(providers.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name in present else real(name, *a))
 
 
