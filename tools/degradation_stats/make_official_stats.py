@@ -2,7 +2,7 @@
 
 Run in the separate torch venv with the official checkout under the git-ignored third_party/ (see README):
 
-    /work/torchenv/bin/python tools/degradation_stats/make_official_stats.py \
+    .torchenv/bin/python tools/degradation_stats/make_official_stats.py \
         --pasd-dir third_party/PASD --examples ../shared/examples --n 400 --seed 0 \
         --out tests/data/official_degradation_stats.json
 

@@ -1,6 +1,6 @@
 """CPU time per 512x512 pair of PASD's official torch degradation (one thread), for the benchmark's baseline.
 
-    taskset -c 0 /work/torchenv/bin/python tools/degradation_stats/time_official.py --n 40
+    taskset -c 0 .torchenv/bin/python tools/degradation_stats/time_official.py --n 40
 """
 from __future__ import annotations
 
