@@ -148,10 +148,27 @@ def _sd1_shaped(name, down_shape, up_shape):
      _sd1_shaped("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", (4, 320), (320, 4)),
      LoraError, r"makes a \[320, 320\] update, unet `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
                 r".weight` is \[16, 16\]"),
-    ("LoHa", {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": np.zeros((16, 4), np.float16)},
-     LoraError, r"variant this merge does not support"),
-    ("PEFT format", {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": np.zeros((4, 16), np.float16)},
-     ModelFamilyError, r"PEFT"),
+    ("incomplete LoHa", {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": np.zeros((16, 4), np.float16)},
+     LoraError, r"conv1: an incomplete loha module \(has \['w1_a'\]\)"),
+    ("kohya DoRA", {**_sd1_shaped("lora_unet_down_blocks_0_attentions_0_proj_in", (4, 16, 1, 1), (16, 4, 1, 1)),
+                    "lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": np.ones((16, 1, 1, 1), np.float16)},
+     LoraError, r"proj_in.dora_scale \(DoRA"),
+    ("LyCORIS OFT", {"lora_unet_down_blocks_0_resnets_0_conv1.oft_blocks": np.zeros((4, 4, 4), np.float16)},
+     LoraError, r"conv1.oft_blocks \(OFT is not supported"),
+    ("PEFT DoRA", {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": np.zeros((4, 16, 1, 1), np.float16),
+                   "unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector": np.ones((16,), np.float16)},
+     LoraError, r"lora_magnitude_vector \(DoRA"),
+    ("SDXL diffusers names", {"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight":
+                              np.zeros((4, 1280), np.float16)}, ModelFamilyError, r"SDXL.*text_encoder_2"),
+    ("SD2 diffusers cross-attention",
+     {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": np.zeros((4, 1024), np.float16),
+      "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": np.zeros((320, 4), np.float16)},
+     ModelFamilyError, r"2\.x \(cross-attention dim 1024"),
+    ("PEFT module absent", {"unet.down_blocks.0.attentions.0.proj_inn.lora_A.weight": np.zeros((4, 16), np.float16),
+                            "unet.down_blocks.0.attentions.0.proj_inn.lora_B.weight": np.zeros((16, 4), np.float16)},
+     LoraError, r"unet.down_blocks.0.attentions.0.proj_inn: no such module in the unet"),
+    ("unknown diffusers key", {"unet.down_blocks.0.attentions.0.proj_in.weight": np.zeros((16, 16), np.float16)},
+     LoraError, r"proj_in.weight \(not a LoRA key"),
 ])
 def test_lora_for_another_architecture_is_refused(base, case, lora_keys, exc, pattern):
     unet, te = base

@@ -118,6 +118,22 @@ def file_fingerprint(path: PathLike) -> dict[str, Any]:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def content_digest(path: PathLike) -> str:
+    """SHA-256 of a file's bytes (remembered per resolved path, size and mtime within the process)."""
+    fp = file_fingerprint(path)
+    memo = (fp["path"], fp["size"], fp["mtime_ns"])
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(fp["path"], "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
 def config_digest(obj: Any) -> str:
     """A short stable hash of a JSON-able object (configs, shapes) for cache tags."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -168,10 +184,11 @@ class ConversionCache:
 
     def lookup(self, sources: Sequence[PathLike], tag: Mapping[str, Any]) -> tuple[dict, dict] | None:
         """(params, meta) of a valid entry, else None; a bad entry is deleted (and counted in `rebuilt`)."""
-        path = self.path_for(sources, tag)
+        return self._lookup_at(self.path_for(sources, tag), self.key(sources, tag))
+
+    def _lookup_at(self, path: pathlib.Path, key: str) -> tuple[dict, dict] | None:
         if not path.is_file():
             return None
-        key = self.key(sources, tag)
         try:
             params, meta, raw = load_flax_params(path)
             if raw.get("cache_key") != key or raw.get("converter") != CONVERTER_VERSION:
@@ -187,11 +204,14 @@ class ConversionCache:
     def store(self, sources: Sequence[PathLike], tag: Mapping[str, Any], params: Any,
               meta: Mapping[str, Any]) -> pathlib.Path | None:
         """Write an entry (and drop older entries of the same sources); a failed write only logs a warning."""
-        path = self.path_for(sources, tag)
+        return self._store_at(self.path_for(sources, tag), self.key(sources, tag), params, meta,
+                              json.dumps([str(s) for s in sources]))
+
+    def _store_at(self, path: pathlib.Path, key: str, params: Any, meta: Mapping[str, Any],
+                  sources_note: str) -> pathlib.Path | None:
         try:
-            save_flax_params(path, params, meta, extra={"cache_key": self.key(sources, tag),
-                                                        "converter": CONVERTER_VERSION,
-                                                        "sources": json.dumps([str(s) for s in sources])})
+            save_flax_params(path, params, meta, extra={"cache_key": key, "converter": CONVERTER_VERSION,
+                                                        "sources": sources_note})
         except Exception as e:  # noqa: BLE001 - a cache that cannot be written must not stop a load
             log.warning("conversion cache: cannot write %s (%s); continuing without caching", path, e)
             return None
@@ -213,11 +233,37 @@ class ConversionCache:
 
     def note_conversion(self, sources: Sequence[PathLike], tag: Mapping[str, Any],
                         convert: Callable[[], Any]) -> Any:
+        return self._note(self.key(sources, tag), convert)
+
+    def _note(self, key: str, convert: Callable[[], Any]) -> Any:
         self.stats.conversions += 1
-        key = self.key(sources, tag)
         for hook in self.hooks:
             hook(key)
         return convert()
+
+    # -------------------------------------------------------------------------------- content-keyed entries
+    # Fused LoRA weights are keyed by what went in (the base's identity, the LoRA files' content hashes and the
+    # multipliers), not by file fingerprints: a renamed or copied LoRA still hits. `family` (the base and the LoRA
+    # paths) groups entries so that a new multiplier or an edited LoRA replaces the old entry instead of piling up.
+
+    def content_key(self, key: Mapping[str, Any]) -> str:
+        return hashlib.sha256(json.dumps({"converter": CONVERTER_VERSION, "key": key}, sort_keys=True,
+                                         default=str).encode()).hexdigest()[:40]
+
+    def content_path(self, family: Mapping[str, Any], key: Mapping[str, Any]) -> pathlib.Path:
+        fam = hashlib.sha256(json.dumps(family, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return self.root / f"{fam}-{self.content_key(key)}.safetensors"
+
+    def load_or_compute(self, family: Mapping[str, Any], key: Mapping[str, Any],
+                        compute: Callable[[], tuple[Any, Mapping[str, Any]]]) -> tuple[dict, dict]:
+        """The entry for `key` (JSON-able, content-derived), or `compute()`'s result, stored for next time."""
+        path, digest = self.content_path(family, key), self.content_key(key)
+        hit = self._lookup_at(path, digest)
+        if hit is not None:
+            return hit
+        params, meta = self._note(digest, compute)
+        self._store_at(path, digest, params, meta, json.dumps(family, sort_keys=True, default=str))
+        return params, dict(meta)
 
     def clear(self) -> int:
         """Delete every entry; returns how many."""

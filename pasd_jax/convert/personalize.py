@@ -7,8 +7,8 @@ UNet and re-randomises PACA (spec appendix A8); here the new weights are convert
 current SD keys only, so PACA can never be touched and a model of another architecture fails on shapes.
 
 As in the official code, `alpha` blends the UNet; a VAE or text encoder, when given and present in the source, is
-replaced outright. A kohya LoRA is merged through `lora.merge_lora` on just the tensors it targets (converted to the
-PyTorch layout and back; transposes are exact), with either rule: `alpha_scaled` (kohya/diffusers) or `official`
+replaced outright. LoRAs (kohya, diffusers, PEFT, LyCORIS; one or several, each with its multiplier) are fused by
+`lora_params` into just the tensors they target, with either rule: `alpha_scaled` (diffusers/kohya) or `official`
 (PASD's, alpha ignored). Inputs are never modified; untouched leaves are returned as the same objects.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +29,12 @@ from pasd_jax.convert.blend import BlendError, blend_weights, is_paca_key
 from pasd_jax.convert.cache import ConversionCache, cached, config_digest, resolve_cache
 from pasd_jax.convert.family import detect_layout
 from pasd_jax.convert.folders import DIFFUSERS_STEMS, TEXT_ENCODER, TRANSFORMERS_STEMS, UNET, VAE, style_of
-from pasd_jax.convert.io import PathLike, WeightFileError, find_weight_file, load_weights, safetensors_metadata
+from pasd_jax.convert.io import PathLike, WeightFileError, find_weight_file, load_weights
 from pasd_jax.convert.ldm import ldm_to_diffusers
-from pasd_jax.convert.lora import RULES, TEXT_PREFIX, UNET_PREFIX, merge_lora, module_index, parse_kohya
-from pasd_jax.convert.naming import to_flax_layout, to_torch_layout, torch_key
+from pasd_jax.convert.lora import LoraSpec, as_spec, parse_lora
+from pasd_jax.convert.lora_fuse import check_rule
+from pasd_jax.convert.lora_params import LoraFusion, fuse_lora_files, fuse_loras
+from pasd_jax.convert.naming import torch_key
 from pasd_jax.convert.tree import torch_to_flax
 
 log = logging.getLogger(__name__)
@@ -55,10 +57,10 @@ class PersonalizeReport:
     rule: str | None = None
 
     def summary(self) -> str:
-        how = (f"alpha={self.alpha}" if self.alpha is not None else
-               f"multiplier={self.multiplier}, rule={self.rule}")
+        how = (f", alpha={self.alpha}" if self.alpha is not None else
+               f", multiplier={self.multiplier}, rule={self.rule}" if self.multiplier is not None else "")
         parts = [f"{comp}: {len(keys)} tensor(s)" for comp, keys in self.replaced.items()]
-        text = f"{self.source} ({self.source_kind}, {how}): changed {', '.join(parts) or 'nothing'}"
+        text = f"{self.source} ({self.source_kind}{how}): changed {', '.join(parts) or 'nothing'}"
         if self.kept:
             text += f"; kept {len(self.kept)} PASD-only UNet tensor(s)"
         if self.not_in_source:
@@ -237,68 +239,51 @@ def swap_base(source: PathLike, *, unet: Model, vae: Model | None = None, text_e
 
 # ------------------------------------------------------------------------------------------ LoRA
 
-def _lora_targets(modules: Mapping[str, Any], prefix: str, named: Mapping[str, tuple[str, ...]]) -> list[str]:
-    """Every `.weight` key a LoRA module of this component could resolve to (all candidates, so that the merge
-    sees exactly the ambiguities and absences the full key set has)."""
-    index = module_index(list(named))
-    keys: list[str] = []
-    for name in modules:
-        if name.startswith(prefix):
-            keys += [m + ".weight" for m in index.get(name[len(prefix):], [])]
-    return sorted(set(keys))
+def _lora_result(fused: LoraFusion, source: str, multiplier: float | None, rule: str | None) -> Personalized:
+    report = PersonalizeReport(source, LORA, dict(fused.replaced), ignored=fused.skipped, multiplier=multiplier,
+                               rule=rule)
+    log.info("LoRA %s: %s", "fused weights from the cache" if fused.from_cache else "merged", report.summary())
+    return Personalized(unet=fused.unet, vae=None, text_encoder=fused.text_encoder, report=report)
+
+
+def _params(model: Model | None) -> Any:
+    return None if model is None else model[1]
 
 
 def merge_lora_params(lora: Mapping[str, np.ndarray], *, unet: Model | None = None,
                       text_encoder: Model | None = None, multiplier: float = 1.0, rule: str = "alpha_scaled",
                       metadata: Mapping[str, str] | None = None, what: str = "LoRA") -> Personalized:
-    """Merge a kohya LoRA dict into Flax UNet / text-encoder params, converting only the targeted tensors."""
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    modules = parse_kohya(lora, metadata=metadata, what=what)
-    comps = {UNET: (UNET_PREFIX, unet), TEXT_ENCODER: (TEXT_PREFIX, text_encoder)}
-    subs: dict[str, dict[str, np.ndarray] | None] = {}
-    names: dict[str, dict[str, tuple[str, ...]]] = {}
-    flats: dict[str, dict] = {}
-    for comp, (prefix, model) in comps.items():
-        if model is None:
-            subs[comp] = None
-            continue
-        flats[comp] = flatten_dict(model[1])
-        names[comp] = _named(model[1], comp)
-        subs[comp] = {k: np.ascontiguousarray(to_torch_layout(names[comp][k], np.asarray(flats[comp][names[comp][k]])))
-                      for k in _lora_targets(modules, prefix, names[comp])}
-    merged = merge_lora(lora, unet=subs[UNET], text_encoder=subs[TEXT_ENCODER], multiplier=multiplier, rule=rule,
-                        metadata=metadata, what=what)
-    out: dict[str, Any] = {}
-    replaced: dict[str, list[str]] = {}
-    for comp in flats:
-        result = dict(flats[comp])
-        done = getattr(merged, comp)
-        for entry in merged.changed:
-            c, _, key = entry.partition(".")
-            if c != comp:
-                continue
-            path = names[comp][key]
-            old = result[path]
-            result[path] = jnp.asarray(to_flax_layout(path, done[key], np.ndim(old)), dtype=old.dtype)
-            replaced.setdefault(comp, []).append(key)
-        out[comp] = unflatten_dict(result)
-    report = PersonalizeReport(what, LORA, {c: tuple(sorted(k)) for c, k in replaced.items()},
-                               ignored=tuple(merged.skipped), multiplier=multiplier, rule=rule)
-    log.info("LoRA merged: %s", report.summary())
-    return Personalized(unet=out.get(UNET), vae=None, text_encoder=out.get(TEXT_ENCODER), report=report)
+    """Merge a LoRA state dict (kohya, diffusers, PEFT or LyCORIS names) into Flax UNet / text-encoder params."""
+    check_rule(rule)
+    parsed = parse_lora(lora, metadata=metadata, what=what)
+    fused = fuse_lora_files([(parsed, multiplier, rule)], unet=_params(unet), text_encoder=_params(text_encoder))
+    return _lora_result(fused, what, multiplier, rule)
+
+
+def apply_loras(loras: Sequence["LoraSpec | tuple | PathLike"], *, unet: Model | None = None,
+                text_encoder: Model | None = None, cache: "ConversionCache | PathLike | bool | None" = None,
+                base_id: Any = None) -> Personalized:
+    """Fuse several LoRA files / folders in order, each with its own multiplier and rule.
+
+    `loras`: `LoraSpec(path, multiplier, rule)`, `(path, multiplier)` or `(path, multiplier, rule)`. The fused
+    tensors go through the conversion cache (`cache` as for `load_checkpoint`: None = the default cache, False =
+    off), keyed by `base_id` (what identifies the base params, e.g. the checkpoint's cache key plus any swap; if
+    None, a hash of the targeted base tensors), the LoRAs' content hashes, multipliers and rules.
+    """
+    specs = [as_spec(item) for item in loras]
+    fused = fuse_loras(specs, unet=_params(unet), text_encoder=_params(text_encoder), cache=resolve_cache(cache),
+                       base_id=base_id)
+    one = specs[0] if len(specs) == 1 else None
+    source = " + ".join(s.describe() for s in specs) if one is None else str(one.path)
+    return _lora_result(fused, source, one and one.multiplier, one and one.rule)
 
 
 def apply_lora(source: PathLike, *, unet: Model | None = None, text_encoder: Model | None = None,
-               multiplier: float = 1.0, rule: str = "alpha_scaled") -> Personalized:
-    """`merge_lora_params` on a LoRA file (`.safetensors`; its kohya metadata helps refuse SD2/SDXL LoRAs)."""
-    src = pathlib.Path(source)
-    meta = {}
-    if src.suffix == ".safetensors":
-        weight_file_shapes(src)  # a truncated file fails here with a clear message
-        meta = safetensors_metadata(src)
-    return merge_lora_params(load_weights(src), unet=unet, text_encoder=text_encoder, multiplier=multiplier,
-                             rule=rule, metadata=meta, what=str(src))
+               multiplier: float = 1.0, rule: str = "alpha_scaled",
+               cache: "ConversionCache | PathLike | bool | None" = False, base_id: Any = None) -> Personalized:
+    """One LoRA file or folder (any supported format); `apply_loras` with one entry, uncached unless asked."""
+    return apply_loras([LoraSpec(source, multiplier, rule)], unet=unet, text_encoder=text_encoder, cache=cache,
+                       base_id=base_id)
 
 
 def personalize(source: PathLike, *, unet: Model, vae: Model | None = None, text_encoder: Model | None = None,
@@ -311,5 +296,5 @@ def personalize(source: PathLike, *, unet: Model, vae: Model | None = None, text
     return swap_base(source, unet=unet, vae=vae, text_encoder=text_encoder, alpha=alpha, cache=cache)
 
 
-__all__ = ["Personalized", "PersonalizeReport", "apply_lora", "merge_lora_params", "personalize", "source_kind",
+__all__ = ["Personalized", "PersonalizeReport", "apply_lora", "apply_loras", "merge_lora_params", "personalize", "source_kind",
            "swap_base", "swap_params"]
