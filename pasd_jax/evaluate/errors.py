@@ -1,0 +1,30 @@
+"""Errors of the evaluation tools; each message names the problem and the fix, and the CLI prints it as one line."""
+from __future__ import annotations
+
+
+class EvaluationError(ValueError):
+    """Base of every evaluation error meant for the user."""
+
+
+class ImageReadError(EvaluationError):
+    """A file that cannot be decoded as an image."""
+
+
+class PairingError(EvaluationError):
+    """A prediction and its ground truth that cannot be compared (missing partner, different sizes)."""
+
+
+class MetricInputError(EvaluationError):
+    """An image a metric cannot score (too small for its windows or blocks, no usable content)."""
+
+
+class UnknownMetricError(EvaluationError):
+    """A `--metrics` name that is not in the metric table."""
+
+
+class LearnedMetricError(EvaluationError):
+    """A learned metric (through pyiqa) that could not be created or run."""
+
+
+class MissingWeightsError(LearnedMetricError):
+    """A learned metric whose weights are not on this machine and cannot be downloaded."""
