@@ -8,9 +8,15 @@ Each add_noise is signal * x + noise * eps. Which signal/noise pair the second c
 - mode "paper": both calls index the training schedule, sqrt(abar[t]) and sqrt(1 - abar[t]) (the paper, DDIM, and
   UniPC in diffusers <= 0.24). z_N = sqrt(abar_a * abar_t0) * z_LR + ...; for SD1.5, level 900 and t0 = 999 the
   LR-signal coefficient is 0.00812.
-- mode "official": what diffusers 0.29.2's `add_noise` of the chosen scheduler does. DDIM is the same as "paper".
-  UniPC looks the timestep up in the *inference* schedule and falls back to the last step when it is missing, so
-  level 900 with 20 steps uses the noise of t = 50 and the LR-signal coefficient is 0.0666.
+- mode "official": what diffusers 0.29.2's `add_noise` of the chosen scheduler does. DDIM and LCM index
+  alphas_cumprod[t] directly, so they are the same as "paper" (the official `--use_lcm_lora` run really noises
+  at level 900; t0 = timesteps[0] = 999 for LCM). UniPC looks the timestep up in the *inference* schedule and
+  falls back to the last step when it is missing, so level 900 with 20 steps uses the noise of t = 50 and the
+  LR-signal coefficient is 0.0666.
+
+The multipliers are float32 numbers computed on the host, and `add_noise` applies them in float32 whatever the
+latent dtype: with a zero-terminal-SNR schedule UniPC's sigma at t = 999 is 4096, and the official fp16 add_noise
+squares it to inf (alpha = sigma_t = 0, a zero latent).
 
 The noise draws are arguments (so goldens can inject the recorded ones); `*_from_key` helpers draw them from an
 explicit PRNG key.
@@ -25,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pasd_jax.schedulers.ddim import ddpm_add_noise_coefficients
+from pasd_jax.schedulers.prediction import compute_dtype
 
 ANS_MODES = ("paper", "official")
 F32 = np.float32
@@ -53,7 +60,10 @@ class ANSCoefficients:
 
 
 def ans_coefficients(scheduler: Any, level: int = 900, mode: str = "paper") -> ANSCoefficients:
-    """The ANS add_noise multipliers for a built scheduler (DDIM or UniPC), computed on the host in float32."""
+    """The ANS add_noise multipliers for a built scheduler (DDIM, UniPC or LCM), computed on the host in float32.
+
+    "paper" indexes the training schedule at timesteps[0] and at `level`; "official" calls the scheduler's own
+    diffusers 0.29.2 add_noise rule (identical to "paper" for DDIM and LCM, the last-index fallback for UniPC)."""
     if mode not in ANS_MODES:
         raise ValueError(f"ans mode must be one of {ANS_MODES}, got {mode!r}")
     level = int(level)
@@ -71,16 +81,20 @@ def ans_coefficients(scheduler: Any, level: int = 900, mode: str = "paper") -> A
 
 
 def add_noise(x: jnp.ndarray, noise: jnp.ndarray, signal: Any, noise_coef: Any) -> jnp.ndarray:
-    """signal * x + noise_coef * noise, in x's dtype (the diffusers add_noise, coefficients given)."""
-    return (jnp.asarray(signal, x.dtype) * x + jnp.asarray(noise_coef, x.dtype) * noise.astype(x.dtype))
+    """signal * x + noise_coef * noise (the diffusers add_noise, coefficients given), computed in float32 and
+    returned in x's dtype."""
+    dtype = compute_dtype(x.dtype)
+    out = jnp.asarray(signal, dtype) * x.astype(dtype) + jnp.asarray(noise_coef, dtype) * noise.astype(dtype)
+    return out.astype(x.dtype)
 
 
 def ans_latents(z_lr: jnp.ndarray, noise1: jnp.ndarray, noise2: jnp.ndarray, coeffs: ANSCoefficients,
                 init_noise_sigma: float = 1.0) -> jnp.ndarray:
     """z_N from the (scaled) LQ latent z_LR = 0.18215 * posterior sample and two N(0, I) draws, in draw order."""
-    z = add_noise(z_lr, noise1, *coeffs.first)
+    dtype = compute_dtype(z_lr.dtype)
+    z = add_noise(z_lr.astype(dtype), noise1, *coeffs.first)
     z = add_noise(z, noise2, *coeffs.second)
-    return z * jnp.asarray(init_noise_sigma, z.dtype)
+    return (z * jnp.asarray(init_noise_sigma, dtype)).astype(z_lr.dtype)
 
 
 def ans_latents_from_key(z_lr: jnp.ndarray, key: jax.Array, coeffs: ANSCoefficients,
@@ -98,10 +112,11 @@ def pure_noise_latents(noise: jnp.ndarray, offset_noise: jnp.ndarray | None = No
 
     `offset_noise` is per channel, shape [B, C, 1, 1] for NCHW noise (the official draws it from the global RNG).
     """
-    z = noise
+    dtype = compute_dtype(noise.dtype)
+    z = noise.astype(dtype)
     if offset_noise is not None and offset_noise_scale != 0.0:
-        z = z + jnp.asarray(offset_noise_scale, z.dtype) * offset_noise.astype(z.dtype)
-    return z * jnp.asarray(init_noise_sigma, z.dtype)
+        z = z + jnp.asarray(offset_noise_scale, dtype) * offset_noise.astype(dtype)
+    return (z * jnp.asarray(init_noise_sigma, dtype)).astype(noise.dtype)
 
 
 def pure_noise_latents_from_key(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32,

@@ -13,6 +13,7 @@ import numpy as np
 from flax import struct
 
 from pasd_jax.schedulers import schedule as sch
+from pasd_jax.schedulers.prediction import compute_dtype, regularize_x0, x0_and_eps
 
 F32 = np.float32
 
@@ -45,28 +46,28 @@ class DDIMScheduler:
     def init_carry(self, sample: jnp.ndarray) -> DDIMCarry:
         return DDIMCarry(sample=sample)
 
+    @property
+    def needs_step_noise(self) -> bool:
+        """Whether `step` takes a per-step N(0, I) draw (eta > 0): one sample-shaped array at every step."""
+        return self.eta > 0
+
+    @property
+    def step_noise_used(self) -> np.ndarray:
+        """[N] bool: the steps whose noise argument is used."""
+        return np.full(self.num_inference_steps, self.needs_step_noise)
+
     def step(self, carry: DDIMCarry, i: Any, model_output: jnp.ndarray,
              variance_noise: jnp.ndarray | None = None) -> tuple[jnp.ndarray, DDIMCarry]:
-        """x_t -> x_{t_prev} (DDIM eq. 12). `variance_noise` (N(0, I), sample-shaped) is required when eta > 0."""
+        """x_t -> x_{t_prev} (DDIM eq. 12), in float32 whatever the sample dtype, returned in the sample's dtype.
+        `variance_noise` (N(0, I), sample-shaped) is required when eta > 0."""
         out_dtype = carry.sample.dtype
-        dtype = sch.compute_dtype(out_dtype)
+        dtype = compute_dtype(out_dtype)
         x = carry.sample.astype(dtype)
         model_output = model_output.astype(dtype)
-        take = lambda table: jnp.asarray(table)[i].astype(dtype)
-        sqrt_a, sqrt_b = take(self.sqrt_alpha_t), take(self.sqrt_beta_t)
-        prediction = self.config["prediction_type"]
-        if prediction == "epsilon":
-            x0 = (x - sqrt_b * model_output) / sqrt_a
-            eps = model_output
-        elif prediction == "sample":
-            x0 = model_output
-            eps = (x - sqrt_a * x0) / sqrt_b
-        else:  # v_prediction
-            x0 = sqrt_a * x - sqrt_b * model_output
-            eps = sqrt_a * model_output + sqrt_b * x
-        if self.config["clip_sample"]:
-            r = self.config["clip_sample_range"]
-            x0 = jnp.clip(x0, -r, r)
+        take = lambda table: jnp.asarray(table)[i].astype(dtype)  # noqa: E731
+        x0, eps = x0_and_eps(self.config["prediction_type"], x, model_output, take(self.sqrt_alpha_t),
+                             take(self.sqrt_beta_t))
+        x0 = regularize_x0(x0, self.config)
         prev = take(self.sqrt_alpha_prev) * x0 + take(self.direction_coef) * eps
         if self.eta > 0:
             if variance_noise is None:
@@ -90,9 +91,9 @@ def ddpm_add_noise_coefficients(alphas_cumprod: np.ndarray, timestep: int) -> tu
 
 
 def make_ddim(config: Mapping[str, Any], num_inference_steps: int, *, eta: float = 0.0) -> DDIMScheduler:
-    """Build the DDIM tables from a resolved config (see `schedule.effective_config`)."""
-    sch.check_supported(config)
-    if eta < 0:
+    """Build the DDIM tables from a resolved config (see `config.effective_config`)."""
+    sch.check_config(config, "ddim")
+    if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     big_t = int(config["num_train_timesteps"])
     alphas_cumprod = sch.alphas_cumprod_from_betas(sch.make_betas(config))
@@ -101,6 +102,7 @@ def make_ddim(config: Mapping[str, Any], num_inference_steps: int, *, eta: float
                                      num_train_timesteps=big_t, steps_offset=config["steps_offset"])
     # diffusers steps back by T // N whatever the spacing.
     prev_timesteps = timesteps - big_t // num_inference_steps
+    sch.refuse_undefined_x0("ddim", config, timesteps, alphas_cumprod)
     a_t = alphas_cumprod[timesteps]
     a_prev = np.where(prev_timesteps >= 0, alphas_cumprod[np.maximum(prev_timesteps, 0)], final_alpha).astype(F32)
     b_t, b_prev = F32(1) - a_t, F32(1) - a_prev

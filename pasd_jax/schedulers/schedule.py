@@ -6,103 +6,34 @@ the adjustable noise schedule reproduce the official numbers to the last few ulp
 """
 from __future__ import annotations
 
-import json
 import math
-import pathlib
 from typing import Any, Mapping
 
 import numpy as np
 
+# Config resolution lives in `config`; re-exported here for the callers that import it from this module.
+from pasd_jax.schedulers.config import (DDIM_DEFAULTS, DEFAULTS, LCM_DEFAULTS, UNIPC_DEFAULTS,  # noqa: F401
+                                        SchedulerConfigError, check_config, effective_config, freeze_config,
+                                        load_config)
+from pasd_jax.schedulers.prediction import compute_dtype  # noqa: F401
+
 F32 = np.float32
-
-# Init arguments (and defaults) of diffusers 0.29.2 DDIMScheduler / UniPCMultistepScheduler. A config file is
-# resolved as diffusers' `from_pretrained` does: these defaults, updated with the file's keys that are arguments of
-# the class; every other key (e.g. the PNDM `skip_prk_steps`) is ignored.
-DDIM_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "clip_sample": True,
-    "set_alpha_to_one": True,
-    "steps_offset": 0,
-    "prediction_type": "epsilon",
-    "thresholding": False,
-    "dynamic_thresholding_ratio": 0.995,
-    "clip_sample_range": 1.0,
-    "sample_max_value": 1.0,
-    "timestep_spacing": "leading",
-    "rescale_betas_zero_snr": False,
-}
-
-UNIPC_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "solver_order": 2,
-    "prediction_type": "epsilon",
-    "thresholding": False,
-    "dynamic_thresholding_ratio": 0.995,
-    "sample_max_value": 1.0,
-    "predict_x0": True,
-    "solver_type": "bh2",
-    "lower_order_final": True,
-    "disable_corrector": [],
-    "solver_p": None,
-    "use_karras_sigmas": False,
-    "timestep_spacing": "linspace",
-    "steps_offset": 0,
-    "final_sigmas_type": "zero",
-    "rescale_betas_zero_snr": False,
-}
-
-DEFAULTS = {"ddim": DDIM_DEFAULTS, "unipc": UNIPC_DEFAULTS}
-
-
-def load_config(config_or_path: Mapping[str, Any] | str | pathlib.Path) -> dict[str, Any]:
-    """A scheduler config dict from a dict, a json file, a scheduler folder or a pipeline folder (`scheduler/`)."""
-    if isinstance(config_or_path, Mapping):
-        return dict(config_or_path)
-    path = pathlib.Path(config_or_path)
-    candidates = [path] if path.suffix == ".json" else [path / "scheduler_config.json",
-                                                         path / "scheduler" / "scheduler_config.json"]
-    for candidate in candidates:
-        if candidate.is_file():
-            with open(candidate) as f:
-                return json.load(f)
-    raise FileNotFoundError(
-        f"no scheduler config at {path}: expected a scheduler_config.json file, a folder holding one, or a "
-        f"diffusers pipeline folder with scheduler/scheduler_config.json")
-
-
-def effective_config(config: Mapping[str, Any], kind: str, **overrides: Any) -> dict[str, Any]:
-    """The config a diffusers `<kind>` scheduler would use: class defaults + the file's known keys + overrides."""
-    if kind not in DEFAULTS:
-        raise ValueError(f"unknown scheduler kind {kind!r}: expected one of {sorted(DEFAULTS)}")
-    defaults = DEFAULTS[kind]
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {kind} scheduler option(s) {unknown}; known: {sorted(defaults)}")
-    out = dict(defaults)
-    out.update({k: v for k, v in config.items() if k in defaults})
-    out.update(overrides)
-    return out
 
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """`torch.linspace(start, end, steps, dtype=float32)` on CPU: float32 step, each half anchored at its end."""
+    """`torch.linspace(start, end, steps, dtype=float32)` on CPU: float32 step, each half anchored at its end, and
+    each element one fused multiply-add (the compiled kernel contracts `start + step * idx`). The float64 form
+    below is that fma: the float32 product is exact in float64, and so is the sum for schedule-sized ranges, so
+    the only rounding is the final one to float32."""
     start32, end32 = F32(start), F32(end)
     if steps == 1:
         return np.array([start32], dtype=F32)
-    step = F32((end32 - start32) / F32(steps - 1))
-    idx = np.arange(steps)
+    step = np.float64(F32((end32 - start32) / F32(steps - 1)))
+    idx = np.arange(steps, dtype=np.float64)
     halfway = steps // 2
     out = np.empty(steps, dtype=F32)
-    out[:halfway] = start32 + step * idx[:halfway].astype(F32)
-    out[halfway:] = end32 - step * (steps - idx[halfway:] - 1).astype(F32)
+    out[:halfway] = (np.float64(start32) + step * idx[:halfway]).astype(F32)
+    out[halfway:] = (np.float64(end32) - step * (steps - idx[halfway:] - 1)).astype(F32)
     return out
 
 
@@ -177,7 +108,12 @@ def spaced_timesteps(num_inference_steps: int, *, spacing: str, num_train_timest
         ratio = big_t // points
         t = (np.arange(0, points) * ratio).round()[::-1]
         t = t[:-1] if multistep else t
-        return t.copy().astype(np.int64) + int(steps_offset)
+        t = t.copy().astype(np.int64) + int(steps_offset)
+        if t.max() >= big_t:
+            raise SchedulerConfigError(
+                f"scheduler config: steps_offset={steps_offset} pushes the leading timesteps to {int(t.max())}, past "
+                f"the training schedule; supported: steps_offset < {big_t - int(t.max()) + int(steps_offset)}")
+        return t
     if spacing == "trailing":
         ratio = big_t / n
         return np.round(np.arange(big_t, 0, -ratio)).astype(np.int64) - 1
@@ -191,28 +127,36 @@ def sigma_to_alpha_sigma(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return alpha_t.astype(F32), (sigma * alpha_t).astype(F32)
 
 
-def check_supported(config: Mapping[str, Any]) -> None:
-    """Reject config options this implementation does not provide, rather than silently ignoring them."""
-    if config.get("thresholding", False):
-        raise NotImplementedError("dynamic thresholding is not supported (thresholding=True)")
-    if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"unknown prediction_type {config['prediction_type']!r}")
+def karras_sigmas(all_sigmas: np.ndarray, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Karras et al. (2022) rho=7 sigmas between the schedule's extremes, and the (float, rounded) timesteps
+    interpolated back in log-sigma, as diffusers 0.29.2 UniPC's `use_karras_sigmas` computes them (float64)."""
+    all_sigmas = np.asarray(all_sigmas, dtype=F32)
+    log_sigmas = np.log(all_sigmas)
+    sigma_min, sigma_max = float(all_sigmas[0]), float(all_sigmas[-1])
+    rho = 7.0
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    timesteps = np.array([_sigma_to_t(sig, log_sigmas) for sig in sigmas]).round()
+    return sigmas, timesteps.astype(np.int64)
 
 
-def freeze_config(config: Mapping[str, Any]):
-    """A hashable copy of a config (lists become tuples), so schedulers can be static pytree metadata."""
-    from flax.core import FrozenDict
-
-    def freeze(v: Any) -> Any:
-        if isinstance(v, (list, tuple)):
-            return tuple(freeze(x) for x in v)
-        if isinstance(v, np.ndarray):
-            return tuple(v.tolist())
-        return v
-    return FrozenDict({k: freeze(v) for k, v in config.items()})
+def _sigma_to_t(sigma: np.float64, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of a sigma: linear interpolation of log sigma between its two neighbours."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
-def compute_dtype(dtype: Any):
-    """Scheduler arithmetic runs in at least float32 whatever the latent dtype."""
-    import jax.numpy as jnp
-    return jnp.promote_types(dtype, jnp.float32)
+def refuse_undefined_x0(kind: str, config: Mapping[str, Any], timesteps: np.ndarray,
+                        alphas_cumprod: np.ndarray) -> None:
+    """abar_t = 0 (zero terminal SNR at t = T-1) makes epsilon's x0 = (x - eps) / 0: diffusers gives inf/NaN."""
+    hit = [int(t) for t in np.asarray(timesteps) if float(alphas_cumprod[int(t)]) == 0.0]
+    if hit and config["prediction_type"] == "epsilon":
+        raise SchedulerConfigError(
+            f"{kind} scheduler config: prediction_type='epsilon' with rescale_betas_zero_snr=True is not supported "
+            f"when the schedule visits t={hit[0]} (alphas_cumprod = 0 there, so x0 = (x - eps) / 0 and diffusers "
+            f"returns inf/NaN); supported: prediction_type='v_prediction' (zero-SNR models are trained with it), "
+            f"or a schedule that does not reach t={hit[0]}")

@@ -15,6 +15,7 @@ import numpy as np
 from flax import struct
 
 from pasd_jax.schedulers import schedule as sch
+from pasd_jax.schedulers.prediction import compute_dtype, dynamic_threshold
 
 F32 = np.float32
 
@@ -67,8 +68,15 @@ class UniPCScheduler:
     def solver_order(self) -> int:
         return int(self.config["solver_order"])
 
+    needs_step_noise = False
+
+    @property
+    def step_noise_used(self) -> np.ndarray:
+        """[N] bool: UniPC is deterministic, no step takes noise."""
+        return np.zeros(self.num_inference_steps, bool)
+
     def init_carry(self, sample: jnp.ndarray) -> UniPCCarry:
-        dtype = sch.compute_dtype(sample.dtype)
+        dtype = compute_dtype(sample.dtype)
         zeros = jnp.zeros((self.solver_order,) + tuple(sample.shape), dtype)
         return UniPCCarry(sample=sample, last_sample=sample.astype(dtype), model_outputs=zeros)
 
@@ -79,10 +87,15 @@ class UniPCScheduler:
         prediction = self.config["prediction_type"]
         if self.config["predict_x0"]:
             if prediction == "epsilon":
-                return (sample - sigma * model_output) / alpha
-            if prediction == "sample":
-                return model_output
-            return alpha * sample - sigma * model_output  # v_prediction
+                x0 = (sample - sigma * model_output) / alpha
+            elif prediction == "sample":
+                x0 = model_output
+            else:  # v_prediction
+                x0 = alpha * sample - sigma * model_output
+            if self.config["thresholding"]:  # diffusers thresholds the data prediction only
+                x0 = dynamic_threshold(x0, float(self.config["dynamic_thresholding_ratio"]),
+                                       float(self.config["sample_max_value"]))
+            return x0
         if prediction == "epsilon":
             return model_output
         if prediction == "sample":
@@ -90,9 +103,10 @@ class UniPCScheduler:
         return alpha * model_output + sigma * sample  # v_prediction
 
     def step(self, carry: UniPCCarry, i: Any, model_output: jnp.ndarray) -> tuple[jnp.ndarray, UniPCCarry]:
-        """Corrector for the sample of step i (from step i-1's prediction), then the predictor to step i+1."""
+        """Corrector for the sample of step i (from step i-1's prediction), then the predictor to step i+1; in
+        float32 whatever the sample dtype, returned in the sample's dtype."""
         out_dtype = carry.sample.dtype
-        dtype = sch.compute_dtype(out_dtype)
+        dtype = compute_dtype(out_dtype)
         x = carry.sample.astype(dtype)
         model_output = model_output.astype(dtype)
         take = lambda table: jnp.asarray(table)[i].astype(dtype)
@@ -173,38 +187,31 @@ def _bh_coefficients(sigmas: np.ndarray, t_idx: int, s0_idx: int, older_idx: lis
 
 
 def make_unipc(config: Mapping[str, Any], num_inference_steps: int) -> UniPCScheduler:
-    """Build the UniPC tables from a resolved config (see `schedule.effective_config`)."""
-    sch.check_supported(config)
-    if config.get("use_karras_sigmas", False):
-        raise NotImplementedError("use_karras_sigmas is not supported")
-    if config.get("solver_p") is not None:
-        raise NotImplementedError("solver_p is not supported")
+    """Build the UniPC tables from a resolved config (see `config.effective_config`)."""
+    sch.check_config(config, "unipc")
     solver_type = config["solver_type"]
     if solver_type in ("midpoint", "heun", "logrho"):
         solver_type = "bh2"  # diffusers maps these to bh2
-    if solver_type not in ("bh1", "bh2"):
-        raise NotImplementedError(f"solver_type {solver_type!r} is not supported (bh1, bh2)")
     order_max = int(config["solver_order"])
-    if order_max < 1:
-        raise ValueError(f"solver_order must be >= 1, got {order_max}")
     predict_x0 = bool(config["predict_x0"])
 
     big_t = int(config["num_train_timesteps"])
     alphas_cumprod = sch.alphas_cumprod_from_betas(sch.make_betas(config))
-    if config.get("rescale_betas_zero_snr", False):
+    if config["rescale_betas_zero_snr"]:
         alphas_cumprod[-1] = F32(2.0 ** -24)  # as diffusers: keeps the first sigma finite
     all_sigmas = np.sqrt((F32(1) - alphas_cumprod) / alphas_cumprod).astype(F32)
-    timesteps = sch.spaced_timesteps(num_inference_steps, spacing=config["timestep_spacing"],
-                                     num_train_timesteps=big_t, steps_offset=config["steps_offset"],
-                                     multistep=True)
-    n = len(timesteps)
-    if config["final_sigmas_type"] == "zero":
-        sigma_last = F32(0)
-    elif config["final_sigmas_type"] == "sigma_min":
-        sigma_last = all_sigmas[0]
+    if config["use_karras_sigmas"]:
+        step_sigmas, timesteps = sch.karras_sigmas(all_sigmas, num_inference_steps)
+        sigma_min = step_sigmas[-1]
     else:
-        raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {config['final_sigmas_type']!r}")
-    sigmas = np.concatenate([all_sigmas[timesteps], [sigma_last]]).astype(F32)
+        timesteps = sch.spaced_timesteps(num_inference_steps, spacing=config["timestep_spacing"],
+                                         num_train_timesteps=big_t, steps_offset=config["steps_offset"],
+                                         multistep=True)
+        step_sigmas = all_sigmas[timesteps]
+        sigma_min = all_sigmas[0]
+    n = len(timesteps)
+    sigma_last = F32(0) if config["final_sigmas_type"] == "zero" else sigma_min
+    sigmas = np.concatenate([step_sigmas, [sigma_last]]).astype(F32)
 
     # Orders, as the step counter of diffusers evolves from a fresh set_timesteps.
     orders = np.zeros(n, dtype=np.int32)
