@@ -1,12 +1,20 @@
-"""kohya LoRA merging (issue 6, item 3): both merge rules against the golden merged tensors, and bad LoRAs."""
+"""kohya LoRA merging (issue 6, item 3): both merge rules against the golden merged tensors, bad LoRAs, and the
+fused-weight cache (issue 15, item 4)."""
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import save_file
 
+from pasd_jax.convert.cache import ConversionCache
 from pasd_jax.convert.family import ModelFamilyError
 from pasd_jax.convert.io import load_safetensors
 from pasd_jax.convert.lora import LoraError, merge_lora, merge_lora_file, module_index
+from pasd_jax.convert.lora_params import fuse_loras
+from pasd_jax.convert.naming import to_torch_layout, torch_key
 
 TOL = 1e-6
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -186,3 +194,68 @@ def test_sdxl_metadata_is_refused(base, lora):
 def test_unknown_rule(base, lora):
     with pytest.raises(ValueError, match="rule"):
         merge_lora(lora, unet=base[0], rule="diffusers")
+
+
+# ------------------------------------------------------------------------------------------ fused-weight cache
+
+def _flax_tree(state, keys):
+    """A Flax-layout tree of these PyTorch-named weights (Dense [in, out], Conv HWIO), plus a bias leaf."""
+    flat = {}
+    for key in keys:
+        path = []
+        for seg in key[: -len(".weight")].split("."):
+            if seg.isdigit():
+                path[-1] += "_" + seg
+            else:
+                path.append(seg)
+        w = state[key]
+        flat[(*path, "kernel")] = w.T.copy() if w.ndim == 2 else np.transpose(w, (2, 3, 1, 0)).copy()
+        flat[(*path, "bias")] = np.zeros(w.shape[0], np.float32)
+    return unflatten_dict(flat)
+
+
+def test_fused_weights_are_cached(base, lora_dir, tmp_path):
+    unet_state, _ = base
+    ref = load_safetensors(lora_dir / "merged_alpha_scaled_mult0.6.safetensors")
+    keys = [k.split(".", 1)[1] for k in ref if k.startswith("unet.")] + ["conv_in.weight"]  # conv_in: untouched
+    unet = _flax_tree(unet_state, keys)
+    cache = ConversionCache(tmp_path / "cache")
+    fused_runs: list[str] = []
+    cache.hooks.append(fused_runs.append)
+    lora = tmp_path / "style.safetensors"
+    shutil.copy(lora_dir / "lora_kohya.safetensors", lora)
+
+    first = fuse_loras([(lora, 0.6)], unet=unet, cache=cache)
+    second = fuse_loras([(lora, 0.6)], unet=unet, cache=cache)
+    assert len(fused_runs) == 1 and cache.stats.hits == 1 and second.from_cache and not first.from_cache
+    a, b, src = flatten_dict(first.unet), flatten_dict(second.unet), flatten_dict(unet)
+    assert all(np.array_equal(a[p], b[p]) and a[p].dtype == b[p].dtype for p in a)
+    assert b[("conv_in", "kernel")] is src[("conv_in", "kernel")]  # untouched leaves stay the caller's objects
+    err = max(float(np.abs(to_torch_layout(p, np.asarray(b[p])) - ref["unet." + torch_key(p)]).max())
+              for p in b if p[-1] == "kernel" and p[0] != "conv_in")
+    print(f"fused from the cache vs golden merge: max abs err {err:.3g}; skipped {len(second.skipped)} te modules")
+    assert err <= TOL and len(second.skipped) == 12
+
+    copied = tmp_path / "copy.safetensors"  # the key is the content, not the path
+    shutil.copy(lora, copied)
+    assert fuse_loras([(copied, 0.6)], unet=unet, cache=cache).from_cache and len(fused_runs) == 1
+
+    assert not fuse_loras([(lora, 0.5)], unet=unet, cache=cache).from_cache  # another multiplier
+    assert not fuse_loras([(lora, 0.6, "official")], unet=unet, cache=cache).from_cache  # another rule
+    edited = load_safetensors(lora)
+    name = "lora_unet_" + TO_Q.replace(".", "_") + ".lora_up.weight"
+    edited[name] = edited[name] * np.float16(2)
+    save_file(edited, str(lora))  # same path, new content
+    assert not fuse_loras([(lora, 0.6)], unet=unet, cache=cache).from_cache
+    moved = flatten_dict(unet)
+    moved[("conv_in", "bias")] = moved[("conv_in", "bias")] + 1  # not targeted: same key
+    assert fuse_loras([(lora, 0.6)], unet=unflatten_dict(moved), cache=cache).from_cache
+    path = next(p for p in moved if p[-1] == "kernel" and p[0] != "conv_in")
+    moved[path] = moved[path] + 1  # a targeted base tensor changed: fused again
+    assert not fuse_loras([(lora, 0.6)], unet=unflatten_dict(moved), cache=cache).from_cache
+    assert fuse_loras([(lora, 0.6)], unet=unflatten_dict(moved), cache=cache, base_id="ckpt-1").from_cache is False
+    assert fuse_loras([(lora, 0.6)], unet=unflatten_dict(moved), cache=cache, base_id="ckpt-1").from_cache
+    entries = len(list(cache.root.glob("*.safetensors")))
+    print(f"{len(fused_runs)} fuses, {cache.stats.hits} hits, {entries} entries")
+    # one entry per (base, LoRA paths): each new multiplier / rule / content replaced the previous one
+    assert len(fused_runs) == 6 and cache.stats.hits == 4 and entries == 2

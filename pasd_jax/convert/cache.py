@@ -258,9 +258,10 @@ class ConversionCache:
                         compute: Callable[[], tuple[Any, Mapping[str, Any]]]) -> tuple[dict, dict]:
         """The entry for `key` (JSON-able, content-derived), or `compute()`'s result, stored for next time."""
         path, digest = self.content_path(family, key), self.content_key(key)
-        hit = self._lookup_at(path, digest)
-        if hit is not None:
-            return hit
+        for candidate in [path, *sorted(self.root.glob(f"*-{digest}.safetensors"))]:
+            hit = self._lookup_at(candidate, digest)  # the same inputs under other paths (a copied LoRA) hit too
+            if hit is not None:
+                return hit
         params, meta = self._note(digest, compute)
         self._store_at(path, digest, params, meta, json.dumps(family, sort_keys=True, default=str))
         return params, dict(meta)
