@@ -34,7 +34,9 @@ from pasd_jax import image_ops  # noqa: E402
 from pasd_jax.convert import build_module  # noqa: E402
 from pasd_jax.models import attention  # noqa: E402
 from pasd_jax.models.config import controlnet_config_from_unet  # noqa: E402
-from pasd_jax.sampling.pipeline import Models, PASDPipeline, SamplingOptions  # noqa: E402
+from pasd_jax.models.bundle import Models  # noqa: E402
+from pasd_jax.sampling.options import SamplingOptions  # noqa: E402
+from pasd_jax.sampling.pipeline import PASDPipeline  # noqa: E402
 
 UPSCALE = 4
 PROMPT = "a photo of a dog, clean, high-resolution, 8k"
@@ -66,9 +68,8 @@ def build_pipeline(model: str, dtype) -> PASDPipeline:
             "vae": build_module("vae", load_config(model, "vae")),
             "text_encoder": build_module("text_encoder", load_config(model, "text_encoder"))}
     params = {k: random_params(m, 0, dtype, stream=k) for k, m in mods.items()}
-    models = Models(mods["unet"], params["unet"], mods["controlnet"], params["controlnet"], mods["vae"],
-                    params["vae"], mods["text_encoder"], params["text_encoder"])
-    return PASDPipeline(models, ASSETS / "sd15" / "scheduler", ASSETS / "sd15" / "tokenizer")
+    models = Models(mods["unet"], mods["controlnet"], mods["vae"], mods["text_encoder"])
+    return PASDPipeline(models, params, ASSETS / "sd15" / "scheduler", ASSETS / "sd15" / "tokenizer")
 
 
 def write_inputs(folder: pathlib.Path, size: int, batch: int) -> list[pathlib.Path]:

@@ -30,8 +30,11 @@ from configs import pasd_v1
 from pasd_jax.models import attention
 from pasd_jax.models.controlnet import controlnet_params_from_unet
 from pasd_jax.train import layout as layout_lib
-from pasd_jax.train import loop, partition, setup, sharding
-from pasd_jax.train.models import Models, build_models
+from pasd_jax.train import loop, setup
+from pasd_jax import sharding
+from pasd_jax.sharding import trainable_split
+from pasd_jax.models.bundle import Models
+from pasd_jax.runs.models import build_models
 from pasd_jax.train.step import init_state, make_optimizer, make_train_step
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16
@@ -52,7 +55,7 @@ def device_params(models: Models, names: tuple[str, ...], dtype) -> tuple[dict, 
     to compile); speed does not depend on the values."""
     cast = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x.astype(dtype), t))
     unet = random_params(models.unet, 0, jnp.float32, "unet")
-    paca, sd = partition.split_unet(unet, names)
+    paca, sd = trainable_split.split_unet(unet, names)
     controlnet = controlnet_params_from_unet(unet, random_params(models.controlnet, 0, jnp.float32, "controlnet"))
     frozen = {"unet": cast(sd), "vae": random_params(models.vae, 0, dtype, "vae"),
               "text_encoder": random_params(models.text_encoder, 0, dtype, "text_encoder")}

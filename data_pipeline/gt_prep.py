@@ -7,9 +7,7 @@ Null-caption replacement is *not* done here: its rate is a training setting.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import numpy as np
 from PIL import Image
@@ -44,20 +42,3 @@ def random_crop_flip(img: np.ndarray, size: int, rng: np.random.Generator, flip:
 def prepare_gt(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
     """Upscale-if-small, random crop and flip: the 512x512 GT that the degradation starts from."""
     return random_crop_flip(upscale_short_side(img, size), size, rng, flip)
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str):
-    """The CLIP tokenizer from a local folder (no download is ever attempted)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder {path!r} not found: it should hold the CLIP tokenizer files "
-                                "(vocab.json, merges.txt, tokenizer_config.json) of the SD base")
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def tokenize(tokenizer, caption: str) -> np.ndarray:
-    """Caption -> int32 [77] ids, padded to max length and truncated, as PASD's `tokenize_caption`."""
-    ids = tokenizer(caption, max_length=MAX_TOKENS, padding="max_length", truncation=True)["input_ids"]
-    return np.asarray(ids, np.int32)

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import image_io
+from pasd_jax import image_io
 from data_pipeline.config import as_plain_dict
 from data_pipeline.degradation import degrade_uint8
-from data_pipeline.gt_prep import load_tokenizer, prepare_gt, tokenize
-from data_pipeline.image_io import CONVERT_KINDS, SKIP_REASONS, SkipRecord
+from data_pipeline.gt_prep import prepare_gt
+from pasd_jax.tokenizer import load_tokenizer, tokenize
+from pasd_jax.image_io import CONVERT_KINDS, SKIP_REASONS, SkipRecord
 from data_pipeline.presets import DegradationConfig
 from data_pipeline.sources import DataError, FolderSource, Mixture, ProceduralSource, TarShardSource, TfdsSource
 

@@ -26,14 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from pasd_jax.errors import DataError
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 CAPTION_EXTS = ("txt", "text", "caption")
 
 Record = dict[str, Any]
-
-
-class DataError(ValueError):
-    """A data source or data config that cannot work; the message says what to change."""
 
 
 def _first_line(data: bytes) -> str:

@@ -1,12 +1,12 @@
 """The offline demo: train tiny PASD briefly, then super-resolve an image the project made, end to end.
 
-    python -m pasd_jax.demo --out demo_out [--train-steps 60]
+    python -m pasd_jax.demo --out demo_out [--train-steps 60]     (or: pasd-demo)
 
 1. `train.py`'s loop on `configs/tiny.py`: tiny random-init SD base (frozen), ControlNet + PACA trained on procedural
    images degraded on the fly by PASD's Real-ESRGAN pipeline; checkpoint, metrics.jsonl and TensorBoard events in
    `<out>/train`.
 2. A held-out procedural image (never in the training set) is degraded the same way and shrunk 4x: the LQ input.
-3. `sample.py` restores the checkpoint and super-resolves it x4 (UniPC, 20 steps, CFG, ANS, wavelet colour fix).
+3. `pasd-sample` (sample.py) restores the checkpoint and super-resolves it x4 (UniPC, 20 steps, CFG, ANS, wavelet colour fix).
 4. `<out>/comparison.png`: LQ (bicubic x4) | PASD output | ground truth, with PSNRs printed.
 
 Nothing is downloaded; the tiny models learn little in a minute, so the output shows that the whole pipeline runs,
@@ -71,9 +71,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     _train(out / "train", a.train_steps)
     lq, hq = _test_images(out / "input")
-    import sample
+    from pasd_jax.sampling import cli as sample_cli
 
-    code = sample.main(["--ckpt", str(out / "train"), "--input", str(out / "input" / "lq.png"),
+    code = sample_cli.main(["--ckpt", str(out / "train"), "--input", str(out / "input" / "lq.png"),
                         "--output", str(out / "result"), "--upscale", "4", "--process-size", str(SIZE),
                         "--steps", str(a.steps), "--dtype", "float32", "--overwrite", "--no-cache"])
     if code:
@@ -84,5 +84,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -13,11 +13,11 @@ import shutil
 import uuid
 from typing import Callable, Iterable
 
+from pasd_jax.errors import OutputPathError
+
 PathLike = str | os.PathLike
 
 
-class OutputPathError(ValueError):
-    """An output location that would overwrite an input or an existing result."""
 
 
 def _real(path: PathLike) -> pathlib.Path:

@@ -9,7 +9,7 @@ import pytest
 
 from pasd_jax.convert import CheckpointMismatchError, WeightFileError, from_pytorch, load_pasd_checkpoint
 from pasd_jax.convert.io import load_safetensors, save_safetensors
-from pasd_jax.models.config import ConfigError
+from pasd_jax.errors import ConfigError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import image_io
-from data_pipeline.image_io import CONVERT_KINDS, SKIP_REASONS, SkipRecord, check_array, decode_rgb
+from pasd_jax import image_io
+from pasd_jax.image_io import CONVERT_KINDS, SKIP_REASONS, SkipRecord, check_array, decode_rgb
 from data_pipeline.loader import MakePair, count_summary, make_train_iterator, probe
 from data_pipeline.presets import PASD
 from data_pipeline.sources import FolderSource

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import sources
-from data_pipeline.gt_prep import load_tokenizer
+from pasd_jax.tokenizer import load_tokenizer
 from data_pipeline.loader import MakePair, reference_stream
 from data_pipeline.presets import PASD
 

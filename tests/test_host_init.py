@@ -9,8 +9,9 @@ import pytest
 
 from configs import tiny
 from pasd_jax.models.host_init import host_params
-from pasd_jax.train import partition, setup
-from pasd_jax.train.models import abstract, build_models
+from pasd_jax.train import setup
+from pasd_jax.sharding import trainable_split
+from pasd_jax.runs.models import abstract, build_models
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +24,23 @@ def models():
 def test_tree_matches_init_and_is_reproducible(models):
     for kind in ("unet", "controlnet", "vae", "text_encoder"):
         module = getattr(models, kind)
-        got = partition.flatten(host_params(module, 7, stream=kind))
-        want = partition.flatten(abstract(module))
+        got = trainable_split.flatten(host_params(module, 7, stream=kind))
+        want = trainable_split.flatten(abstract(module))
         assert got.keys() == want.keys(), kind
         assert all(got[k].shape == want[k].shape and got[k].dtype == want[k].dtype for k in got), kind
-        again = partition.flatten(host_params(module, 7, stream=kind))
+        again = trainable_split.flatten(host_params(module, 7, stream=kind))
         assert all(np.array_equal(got[k], again[k]) for k in got)
-    a = partition.flatten(host_params(models.unet, 7, stream="unet"))
-    b = partition.flatten(host_params(models.unet, 8, stream="unet"))
-    c = partition.flatten(host_params(models.unet, 7, stream="vae"))
+    a = trainable_split.flatten(host_params(models.unet, 7, stream="unet"))
+    b = trainable_split.flatten(host_params(models.unet, 8, stream="unet"))
+    c = trainable_split.flatten(host_params(models.unet, 7, stream="vae"))
     k = "conv_in/kernel"
     assert not np.array_equal(a[k], b[k]) and not np.array_equal(a[k], c[k])
 
 
 def test_distributions_are_the_modules_own(models):
-    unet = partition.flatten(host_params(models.unet, 0, stream="unet"))
-    cn = partition.flatten(host_params(models.controlnet, 0, stream="controlnet"))
-    text = partition.flatten(host_params(models.text_encoder, 0, stream="text_encoder"))
+    unet = trainable_split.flatten(host_params(models.unet, 0, stream="unet"))
+    cn = trainable_split.flatten(host_params(models.controlnet, 0, stream="controlnet"))
+    text = trainable_split.flatten(host_params(models.text_encoder, 0, stream="text_encoder"))
     # PyTorch default Linear/Conv: U(+-1/sqrt(fan_in)) for kernel and bias
     q = unet["up_blocks_1/pixel_attentions_0/transformer_blocks_0/attn1/to_q/kernel"]
     bound = 1 / math.sqrt(q.shape[0])
@@ -67,16 +68,16 @@ def test_remat_modules_keep_their_paths():
     remat = build_models(setup.model_config_dicts(c.model), c.model.variant, remat=True)
     for kind in ("unet", "controlnet"):
         module = getattr(remat, kind)
-        got = partition.flatten(host_params(module, 0, stream=kind))
-        assert got.keys() == partition.flatten(abstract(module)).keys(), kind
+        got = trainable_split.flatten(host_params(module, 0, stream=kind))
+        assert got.keys() == trainable_split.flatten(abstract(module)).keys(), kind
 
 
 def test_same_distributions_as_jax_init(models):
     """The jitted `module.init` and the host draw agree in distribution (mean/std per tensor, loosely)."""
     module = models.text_encoder
-    jax_p = partition.flatten(jax.jit(lambda k: module.init(k, *module.dummy_inputs())["params"])(
+    jax_p = trainable_split.flatten(jax.jit(lambda k: module.init(k, *module.dummy_inputs())["params"])(
         jax.random.key(0)))
-    host_p = partition.flatten(host_params(module, 0, stream="text_encoder"))
+    host_p = trainable_split.flatten(host_params(module, 0, stream="text_encoder"))
     for k, v in jax_p.items():
         v, h = np.asarray(v), host_p[k]
         if v.size < 512:

@@ -1,7 +1,6 @@
 """Issue 2 acceptance: the Flax PASD ControlNet + UNet reproduce the official outputs (fp32, max abs err <= 1e-4)."""
 from __future__ import annotations
 
-import time
 
 import jax
 import numpy as np
@@ -23,7 +22,6 @@ SETS = {
 def golden_run(request, golden_dir):
     name = request.param
     folder, unet_folder, variant, rrdb = SETS[name]
-    t0 = time.perf_counter()
     unet, unet_params = from_pytorch(golden_dir / unet_folder / "unet")
     cn, cn_params = from_pytorch(golden_dir / folder / "controlnet")
     io = load_safetensors(golden_dir / folder / "inputs_outputs.safetensors")
@@ -38,8 +36,7 @@ def golden_run(request, golden_dir):
     inputs = (io["input.sample"], io["input.timesteps"], io["input.encoder_hidden_states"],
               io["input.controlnet_cond"])
     outs = {s: jax.device_get(forward(cn_params, unet_params, *inputs, s)) for s in (1.0, 0.5)}
-    first_call_s = time.perf_counter() - t0
-    return dict(name=name, unet=unet, cn=cn, io=io, outs=outs, variant=variant, rrdb=rrdb, seconds=first_call_s)
+    return dict(name=name, unet=unet, cn=cn, io=io, outs=outs, variant=variant, rrdb=rrdb)
 
 
 def _err(a, b) -> float:
@@ -71,8 +68,3 @@ def test_conditioning_scale_only_scales_residuals(golden_run):
     for a, b in zip(r1, r05):
         np.testing.assert_array_equal(a, b)
 
-
-def test_load_and_first_forward_under_30s(golden_run):
-    print(f"\n{golden_run['name']}: from_pytorch + first ControlNet+UNet forward (both scales): "
-          f"{golden_run['seconds']:.1f} s")
-    assert golden_run["seconds"] < 30.0

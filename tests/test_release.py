@@ -231,12 +231,12 @@ def train_run(tiny, loaded, golden_dir, tmp_path_factory):
     PASD checkpoint and whose frozen base points at the golden UNet folder (the SD part is read back from it)."""
     import jax.numpy as jnp
 
-    from pasd_jax.train import partition
-    from pasd_jax.train.checkpoint import Checkpoints, relative_base
+    from pasd_jax.sharding import trainable_split
+    from pasd_jax.runs.checkpoint import Checkpoints, relative_base
 
     work = tmp_path_factory.mktemp("run")
-    names = partition.DEFAULT_TRAINABLE
-    paca, _ = partition.split_unet(loaded["unet"][1], names)
+    names = trainable_split.DEFAULT_TRAINABLE
+    paca, _ = trainable_split.split_unet(loaded["unet"][1], names)
     ldm = golden_dir / "ldm_single_file"
     configs = {"unet": read_json(tiny / "unet" / "config.json"), "controlnet": read_json(tiny / "controlnet" /
                                                                                           "config.json"),

@@ -7,7 +7,7 @@ from PIL import Image
 
 import jax
 
-from pasd_jax.sampling import image_io
+from pasd_jax import image_io
 from pasd_jax.sampling.runner import RunSettings, image_key, run
 
 

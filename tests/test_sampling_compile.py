@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from pasd_jax.convert import from_pytorch
-from pasd_jax.sampling.pipeline import Models, PASDPipeline, SamplingOptions
+from pasd_jax.models.bundle import from_pairs
+from pasd_jax.sampling.options import SamplingOptions
+from pasd_jax.sampling.pipeline import PASDPipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NEG = "blurry, lowres"
@@ -40,11 +42,9 @@ def standin_eps(params, z, t, context, cond, guidance, cond_scale):
 @pytest.fixture(scope="module")
 def pipe(golden_dir):
     tp, td = golden_dir / "tiny_pipeline", golden_dir / "tiny_pasd"
-    models = Models(*from_pytorch(td / "unet"), *from_pytorch(td / "controlnet"), *from_pytorch(tp / "vae"),
-                    *from_pytorch(tp / "text_encoder"))
-    p = PASDPipeline(models, tp / "scheduler", tp / "tokenizer")
-    p.eps_fn_factory = lambda m: standin_eps
-    return p
+    models, params = from_pairs(from_pytorch(td / "unet"), from_pytorch(td / "controlnet"), from_pytorch(tp / "vae"),
+                                from_pytorch(tp / "text_encoder"))
+    return PASDPipeline(models, params, tp / "scheduler", tp / "tokenizer", eps_fn_factory=lambda m: standin_eps)
 
 
 def _img(seed, h=64, w=64, b=1):
@@ -161,12 +161,14 @@ _SHARDED = textwrap.dedent("""
     import jax, numpy as np
     from pasd_jax.convert import from_pytorch
     from pasd_jax.convert.io import load_safetensors
-    from pasd_jax.sampling.pipeline import Models, PASDPipeline, SamplingOptions
+    from pasd_jax.models.bundle import from_pairs
+    from pasd_jax.sampling.options import SamplingOptions
+    from pasd_jax.sampling.pipeline import PASDPipeline
     tp, td = sys.argv[1] + "/tiny_pipeline", sys.argv[1] + "/tiny_pasd"
     g = load_safetensors(tp + "/pipeline_ddim.safetensors")
-    models = Models(*from_pytorch(td + "/unet"), *from_pytorch(td + "/controlnet"), *from_pytorch(tp + "/vae"),
-                    *from_pytorch(tp + "/text_encoder"))
-    pipe = PASDPipeline(models, tp + "/scheduler", tp + "/tokenizer")
+    models, params = from_pairs(from_pytorch(td + "/unet"), from_pytorch(td + "/controlnet"),
+                                from_pytorch(tp + "/vae"), from_pytorch(tp + "/text_encoder"))
+    pipe = PASDPipeline(models, params, tp + "/scheduler", tp + "/tokenizer")
     img = g["input.upscaled_image_uint8"]
     both = lambda k: np.concatenate([g[k], np.ascontiguousarray(g[k][..., ::-1])])
     draws = {"posterior": both("random_draw.0"), "noise": both("random_draw.1"), "added_noise": both("random_draw.2")}
@@ -185,8 +187,7 @@ _SHARDED = textwrap.dedent("""
     big = np.ascontiguousarray(np.tile(img, (2, 2, 1))[None, :96, :80])              # latent 12 x 10
     rng = np.random.default_rng(0)
     tdraws = {"noise": 0.5 * rng.standard_normal((1, 4, 12, 10)), "offset_noise": np.zeros((1, 4, 1, 1))}
-    sp = PASDPipeline(models, tp + "/scheduler", tp + "/tokenizer")
-    sp.eps_fn_factory = lambda m: standin
+    sp = PASDPipeline(models, params, tp + "/scheduler", tp + "/tokenizer", eps_fn_factory=lambda m: standin)
     tiled = sp.run(big, ["x"], ["y"], None, opts, draws=tdraws, debug=True)
     ctx = np.asarray(sp.encode_prompts(["x"], ["y"], cfg=False))[:, -1, 0, :1][:, :, None, None]
     sched = sp.scheduler("ddim", 3)

@@ -12,7 +12,9 @@ import pytest
 from pasd_jax import image_ops
 from pasd_jax.convert import from_pytorch
 from pasd_jax.convert.io import load_safetensors
-from pasd_jax.sampling.pipeline import Models, PASDPipeline, SamplingOptions
+from pasd_jax.models.bundle import from_pairs
+from pasd_jax.sampling.options import SamplingOptions
+from pasd_jax.sampling.pipeline import PASDPipeline
 
 PROMPT = "a bird, " + "clean, high-resolution, 8k"
 NEGATIVE = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
@@ -22,9 +24,9 @@ LATENT_TOL = {"ddim": 1e-4, "unipc": 4e-4}
 @pytest.fixture(scope="module")
 def pipe(golden_dir):
     tp, td = golden_dir / "tiny_pipeline", golden_dir / "tiny_pasd"
-    models = Models(*from_pytorch(td / "unet"), *from_pytorch(td / "controlnet"), *from_pytorch(tp / "vae"),
-                    *from_pytorch(tp / "text_encoder"))
-    return PASDPipeline(models, tp / "scheduler", tp / "tokenizer")
+    models, params = from_pairs(from_pytorch(td / "unet"), from_pytorch(td / "controlnet"), from_pytorch(tp / "vae"),
+                                from_pytorch(tp / "text_encoder"))
+    return PASDPipeline(models, params, tp / "scheduler", tp / "tokenizer")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ import pytest
 
 from pasd_jax.convert import from_pytorch
 from pasd_jax.sampling import vae_tiling
-from pasd_jax.sampling.pipeline import Models, PASDPipeline, SamplingOptions
+from pasd_jax.models.bundle import from_pairs
+from pasd_jax.sampling.options import SamplingOptions
+from pasd_jax.sampling.pipeline import PASDPipeline
 
 PROMPT, NEGATIVE = "a bird, clean, high-resolution, 8k", "blurry, lowres"
 
@@ -24,13 +26,13 @@ PROMPT, NEGATIVE = "a bird, clean, high-resolution, 8k", "blurry, lowres"
 @pytest.fixture(scope="module")
 def models(golden_dir):
     tp, td = golden_dir / "tiny_pipeline", golden_dir / "tiny_pasd"
-    return Models(*from_pytorch(td / "unet"), *from_pytorch(td / "controlnet"), *from_pytorch(tp / "vae"),
-                  *from_pytorch(tp / "text_encoder"))
+    return from_pairs(from_pytorch(td / "unet"), from_pytorch(td / "controlnet"), from_pytorch(tp / "vae"),
+                      from_pytorch(tp / "text_encoder"))
 
 
 @pytest.fixture(scope="module")
 def pipe(models, golden_dir):
-    return PASDPipeline(models, golden_dir / "tiny_pipeline" / "scheduler", golden_dir / "tiny_pipeline" / "tokenizer")
+    return PASDPipeline(*models, golden_dir / "tiny_pipeline" / "scheduler", golden_dir / "tiny_pipeline" / "tokenizer")
 
 
 def _images(seed, shape):
@@ -89,9 +91,8 @@ def standin_eps(params, z, t, context, cond, guidance, cond_scale):
 
 
 def test_per_pixel_model_tiled_equals_untiled(models, golden_dir):
-    standin = PASDPipeline(models, golden_dir / "tiny_pipeline" / "scheduler",
-                           golden_dir / "tiny_pipeline" / "tokenizer")
-    standin.eps_fn_factory = lambda m: standin_eps
+    standin = PASDPipeline(*models, golden_dir / "tiny_pipeline" / "scheduler",
+                           golden_dir / "tiny_pipeline" / "tokenizer", eps_fn_factory=lambda m: standin_eps)
     images = _images(0, (2, 96, 128, 3))                   # latent 12 x 16
     # Pure-noise start with injected draws of scale 0.3: |eps| stays ~1, so one float32 ulp of it (which two
     # separately compiled programs may round differently, e.g. FMA contraction of the CFG sum) stays ~1e-7
@@ -171,7 +172,7 @@ def test_tile_model_program_is_shared_across_large_sizes(pipe):
 
 
 def test_tiled_vae_matches_untiled(models):
-    vae, params = models.vae, models.vae_params
+    vae, params = models[0].vae, models[1]["vae"]
     rng = np.random.default_rng(10)
     x = jnp.asarray(rng.uniform(-1, 1, (2, 3, 96, 80)), jnp.float32)
     z = jnp.asarray(3 * rng.standard_normal((2, 4, 12, 10)), jnp.float32)

@@ -15,13 +15,14 @@ import pytest
 from configs import tiny
 from pasd_jax.convert import from_pytorch, load_pasd_checkpoint
 from pasd_jax.convert.io import load_safetensors, save_safetensors
-from pasd_jax.train import checkpoint as ckpt_lib
+from pasd_jax.runs import checkpoint as ckpt_lib
 from pasd_jax.train import data as data_lib
-from pasd_jax.train import loop, partition, setup
-from pasd_jax.train.export import export_pytorch, restore_for_export
+from pasd_jax.train import loop, setup
+from pasd_jax.sharding import trainable_split
+from pasd_jax.runs.export import export_pytorch, restore_for_export
 from pasd_jax.train.metrics import read_metrics
-from pasd_jax.train.models import abstract, build_models
-from pasd_jax.train.validate import ConfigError
+from pasd_jax.runs.models import abstract, build_models
+from pasd_jax.errors import ConfigError
 
 STEPS = 4
 
@@ -102,7 +103,7 @@ def test_resume_after_sigterm_is_exact(runs):
         pa = restore_for_export(root / "a", step=step)
         pb = restore_for_export(root / "b", step=step)
         for kind in ("unet", "controlnet"):
-            fa, fb = partition.flatten(pa[kind][1]), partition.flatten(pb[kind][1])
+            fa, fb = trainable_split.flatten(pa[kind][1]), trainable_split.flatten(pb[kind][1])
             assert fa.keys() == fb.keys()
             unequal = [k for k in fa if not np.array_equal(fa[k], fb[k])]
             assert not unequal, (step, unequal[:5])
@@ -112,13 +113,13 @@ def test_frozen_base_unchanged_trainable_changed(runs):
     root = runs["root"]
     trainable0, frozen0, _ = runs["initial"]
     exported = load_pasd_checkpoint(root / "a" / "export" / f"checkpoint-{STEPS}")
-    paca, sd = partition.split_unet(exported["unet"][1])
-    base = partition.flatten(from_pytorch(root / "a" / "base" / "unet")[1])
-    sd = partition.flatten(sd)
-    assert sd.keys() == base.keys() == partition.flatten(frozen0["unet"]).keys()
+    paca, sd = trainable_split.split_unet(exported["unet"][1])
+    base = trainable_split.flatten(from_pytorch(root / "a" / "base" / "unet")[1])
+    sd = trainable_split.flatten(sd)
+    assert sd.keys() == base.keys() == trainable_split.flatten(frozen0["unet"]).keys()
     assert all(np.array_equal(np.asarray(sd[k]), np.asarray(base[k])) for k in sd), "frozen SD weights moved"
     for kind, now in (("unet", paca), ("controlnet", exported["controlnet"][1])):
-        before, after = partition.flatten(trainable0[kind]), partition.flatten(now)
+        before, after = trainable_split.flatten(trainable0[kind]), trainable_split.flatten(now)
         same = [k for k in before if np.array_equal(np.asarray(before[k]), np.asarray(after[k]))]
         print(f"{kind}: {len(before) - len(same)} of {len(before)} trainable tensors changed")
         assert not same, same[:5]
@@ -132,11 +133,11 @@ def test_restore_for_export(runs, tmp_path):
     assert meta["base"]["unet"] == str(root / "a" / "base" / "unet")
     unet_m, unet_p = got["unet"]
     assert unet_m.variant == "pasd" and unet_m.dtype == jnp.float32
-    assert partition.flatten(unet_p).keys() == partition.flatten(abstract(unet_m)).keys()
+    assert trainable_split.flatten(unet_p).keys() == trainable_split.flatten(abstract(unet_m)).keys()
     export_pytorch(got["unet"], got["controlnet"], tmp_path / "release")
     back = load_pasd_checkpoint(tmp_path / "release")
     for kind in ("unet", "controlnet"):
-        want, have = partition.flatten(got[kind][1]), partition.flatten(back[kind][1])
+        want, have = trainable_split.flatten(got[kind][1]), trainable_split.flatten(back[kind][1])
         assert want.keys() == have.keys()
         assert all(np.array_equal(np.asarray(want[k]), np.asarray(have[k])) for k in want)
 
@@ -171,7 +172,7 @@ def test_nan_guard_keeps_last_good_checkpoint(runs, tmp_path):
     assert ckpt_lib.Checkpoints(run / "checkpoints", read_only=True).latest_step() == STEPS
     assert max(read_metrics(run)) == STEPS
     params = restore_for_export(run)
-    assert all(np.isfinite(v).all() for v in partition.flatten(params["controlnet"][1]).values())
+    assert all(np.isfinite(v).all() for v in trainable_split.flatten(params["controlnet"][1]).values())
 
 
 def test_partial_and_failed_saves_keep_the_last_good_checkpoint(runs, tmp_path):
@@ -209,7 +210,7 @@ def _fresh(c, workdir):
 
 
 def _equal(a, b) -> bool:
-    fa, fb = partition.flatten(a), partition.flatten(b)
+    fa, fb = trainable_split.flatten(a), trainable_split.flatten(b)
     return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
 
 
@@ -223,9 +224,9 @@ def test_start_from_sd_base_copies_the_unet_into_the_controlnet(runs, tmp_path):
     for name in ("conv_in", "time_embedding", "down_blocks_0", "mid_block"):   # official `from_unet`
         assert _equal(cn[name], sd_unet[name]), name
     for name in ("controlnet_mid_block", "controlnet_down_blocks_0"):          # zero convs
-        assert all(not np.any(v) for v in partition.flatten(cn[name]).values()), name
+        assert all(not np.any(v) for v in trainable_split.flatten(cn[name]).values()), name
     # PACA keeps PyTorch's default init (spec 2.5): random kernels and linear biases, norms at gamma 1 / beta 0
-    for key, v in partition.flatten(trainable["unet"]).items():
+    for key, v in trainable_split.flatten(trainable["unet"]).items():
         name = "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
         if re.search(r"norm[^/]*/scale$", name):
             assert np.all(np.asarray(v) == 1), name
@@ -237,11 +238,11 @@ def test_start_from_sd_base_copies_the_unet_into_the_controlnet(runs, tmp_path):
 
 def test_start_from_official_checkpoint(golden_dir, tmp_path):
     c = config(model__init_from=str(golden_dir / "tiny_pasd"), model__base=str(golden_dir / "tiny_pipeline"))
-    from pasd_jax.train.validate import validate
+    from pasd_jax.train.config_checks import validate
     validate(c, n_devices=1)
     trainable, frozen, paths = _fresh(c, tmp_path)
     official = load_pasd_checkpoint(golden_dir / "tiny_pasd")
-    paca, sd = partition.split_unet(official["unet"][1])
+    paca, sd = trainable_split.split_unet(official["unet"][1])
     assert _equal(trainable["controlnet"], official["controlnet"][1]) and _equal(trainable["unet"], paca)
     assert _equal(frozen["unet"], sd)
     assert _equal(frozen["text_encoder"], from_pytorch(golden_dir / "tiny_pipeline" / "text_encoder")[1])
@@ -251,7 +252,7 @@ def test_start_from_official_checkpoint(golden_dir, tmp_path):
 def test_start_from_own_run(runs, tmp_path):
     trainable, frozen, paths = _fresh(config(model__init_from=str(runs["root"] / "a")), tmp_path)
     done = restore_for_export(runs["root"] / "a")
-    paca, sd = partition.split_unet(done["unet"][1])
+    paca, sd = trainable_split.split_unet(done["unet"][1])
     assert _equal(trainable["controlnet"], done["controlnet"][1]) and _equal(trainable["unet"], paca)
     assert _equal(frozen["unet"], sd)
     assert paths == done["metadata"]["base"]
@@ -293,7 +294,7 @@ def test_failed_validation_does_not_stop_training(tmp_path, monkeypatch, capsys)
 
 
 def test_validation_needs_images(tmp_path):
-    from pasd_jax.train.validate import validate
+    from pasd_jax.train.config_checks import validate
     with pytest.raises(ConfigError, match="validation.images='' does not exist"):
         validate(config(validation__every=2), n_devices=1)
     (tmp_path / "empty").mkdir()

@@ -12,10 +12,12 @@ from jax.sharding import PartitionSpec as P
 from configs import tiny
 from pasd_jax.convert import load_pasd_checkpoint
 from pasd_jax.convert.io import load_safetensors
-from pasd_jax.train import partition, sharding
-from pasd_jax.train.models import Models
+from pasd_jax import sharding
+from pasd_jax.sharding import trainable_split
+from pasd_jax.models.bundle import Models
 from pasd_jax.train.step import Diffusion, StepInputs, forward_losses
-from pasd_jax.train.validate import ConfigError, validate
+from pasd_jax.errors import ConfigError
+from pasd_jax.train.config_checks import validate
 
 
 def np_downsample(x: np.ndarray, factor: int) -> np.ndarray:
@@ -40,7 +42,7 @@ def golden(golden_dir):
 def test_golden_loss_terms(golden):
     (models, io) = golden
     (unet_m, unet_p), (cn_m, cn_p) = models["unet"], models["controlnet"]
-    paca, sd = partition.split_unet(unet_p)
+    paca, sd = trainable_split.split_unet(unet_p)
     rng = np.random.default_rng(0)
     gt = rng.uniform(-1, 1, io["input.controlnet_cond"].shape).astype(np.float32)
     noise = rng.standard_normal(io["input.sample"].shape).astype(np.float32)
@@ -81,26 +83,26 @@ def test_np_downsample_is_torch_bilinear():
 def test_split_matches_official_trainable_modules(golden):
     models, _ = golden
     unet = models["unet"][1]
-    paca, sd = partition.split_unet(unet)
-    flat_p, flat_s = partition.flatten(paca), partition.flatten(sd)
+    paca, sd = trainable_split.split_unet(unet)
+    flat_p, flat_s = trainable_split.flatten(paca), trainable_split.flatten(sd)
     # 6 PACA transformers x 26 tensors (spec 3.3) in the tiny UNet's 480; everything else is SD.
     assert len(flat_p) == 6 * 26 and len(flat_p) + len(flat_s) == 480
     assert all("/pixel_attentions_" in k for k in flat_p) and not any("pixel_attentions" in k for k in flat_s)
-    assert partition.flatten(partition.merge(sd, paca)).keys() == partition.flatten(unet).keys()
+    assert trainable_split.flatten(trainable_split.merge(sd, paca)).keys() == trainable_split.flatten(unet).keys()
     with pytest.raises(ValueError, match="overlap"):
-        partition.merge(sd, sd)
+        trainable_split.merge(sd, sd)
     with pytest.raises(ValueError, match="no UNet parameter matches"):
-        partition.split_unet(sd)
+        trainable_split.split_unet(sd)
 
 
 def test_split_pasd_light(golden_dir):
     unet = load_pasd_checkpoint(golden_dir / "tiny_pasd_light")["unet"][1]
-    paca, sd = partition.split_unet(unet)
-    flat_p, flat_s = partition.flatten(paca), partition.flatten(sd)
+    paca, sd = trainable_split.split_unet(unet)
+    flat_p, flat_s = trainable_split.flatten(paca), trainable_split.flatten(sd)
     print("pasd_light trainable leaves:", len(flat_p), "frozen:", len(flat_s))
     for name in ("attn2_plus", "norm2_plus", "proj_in_plus"):
         assert any(name in k for k in flat_p), name
-    assert not any(n in k for k in flat_s for n in partition.DEFAULT_TRAINABLE)
+    assert not any(n in k for k in flat_s for n in trainable_split.DEFAULT_TRAINABLE)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,11 +21,13 @@ import jax
 import numpy as np
 
 from configs import tiny
-from pasd_jax.train import checkpoint as ckpt_lib
+from pasd_jax.runs import checkpoint as ckpt_lib
 from pasd_jax.train import data as data_lib
 from pasd_jax.train import layout as layout_lib
-from pasd_jax.train import loop, partition, setup, sharding
-from pasd_jax.train.models import build_models
+from pasd_jax.train import loop, setup
+from pasd_jax import sharding
+from pasd_jax.sharding import trainable_split
+from pasd_jax.runs.models import build_models
 
 STEPS, EXTRA = 3, 2
 MESHES = {"1": (1, 1), "8x1": (8, 1), "2x4": (2, 4), "1x8": (1, 8)}
@@ -53,7 +55,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def tree_rel(a, b) -> float:
-    fa, fb = partition.flatten(a), partition.flatten(b)
+    fa, fb = trainable_split.flatten(a), trainable_split.flatten(b)
     assert fa.keys() == fb.keys()
     return max(rel(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
 
@@ -106,13 +108,13 @@ class Runner:
             losses.append(float(m["loss"]))
             if s == 0:
                 grads = sharding.to_host(m["grads"])
-        flat = partition.flatten(state["params"])
+        flat = trainable_split.flatten(state["params"])
         frozen_spec = list(lay.frozen_sh["text_encoder"]["text_model"]["embeddings"]["token_embedding"]
                            ["embedding"].spec)
         out = {"losses": losses, "grads": grads, "params": sharding.to_host(state["params"]),
                "specs": {p: list(flat[p].sharding.spec) for p in CHECKED},
                "shard_shapes": {p: list(flat[p].addressable_shards[0].data.shape) for p in CHECKED},
-               "mu_spec": list(partition.flatten(state["opt_state"][1][0].mu)[CHECKED[0]].sharding.spec),
+               "mu_spec": list(trainable_split.flatten(state["opt_state"][1][0].mu)[CHECKED[0]].sharding.spec),
                "frozen_embedding_spec": frozen_spec}
         log(f"ran mesh ({data}, {fsdp}), grad_accum {accum}")
         return out, state, it, step
@@ -142,9 +144,9 @@ def main(overrides: dict, workdir: pathlib.Path) -> dict:
     ck.close()
     it.set_state(data_state)
     restored_params = sharding.to_host(restored["params"])
-    bitwise = all(np.array_equal(np.asarray(partition.flatten(restored_params)[k]), np.asarray(v))
-                  for k, v in partition.flatten(saved_params).items())
-    placed = list(partition.flatten(restored["params"])[CHECKED[0]].sharding.spec)
+    bitwise = all(np.array_equal(np.asarray(trainable_split.flatten(restored_params)[k]), np.asarray(v))
+                  for k, v in trainable_split.flatten(saved_params).items())
+    placed = list(trainable_split.flatten(restored["params"])[CHECKED[0]].sharding.spec)
     after = []
     for _ in range(EXTRA):
         restored, m = step(restored)

@@ -5,7 +5,7 @@
 - `load_sd_base(path)`: an SD1.x base from a diffusers folder or a single file.
 - `personalize(source, unet=..., ...)`: swap in a personalized base or merge a LoRA, keeping PACA.
 - `export_release(...)`, `import_official(...)`; CLI: `python -m pasd_jax.convert` (its `export` reads train.py runs
-  through `pasd_jax.train.export_train_checkpoint`).
+  through `pasd_jax.runs.export_train_checkpoint`).
 """
 from pasd_jax.convert.base import load_sd_base
 from pasd_jax.convert.folders import (abstract_params, build_module, from_pytorch, init_params,

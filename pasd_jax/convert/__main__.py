@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pasd_jax").setLevel(logging.INFO)  # our progress; JAX and Orbax only when they warn
     from pasd_jax.convert import release  # after argument parsing: --help needs no JAX
-    from pasd_jax.train.export import export_train_checkpoint  # reads train.py runs
+    from pasd_jax.runs.export import export_train_checkpoint  # reads train.py runs
 
     try:
         if args.command == "export":
@@ -67,5 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -11,11 +11,13 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from pasd_jax.errors import WeightFileError
+
 # name parts of PASD-only modules: `pasd` (PACA) and `pasd_light` additions
 PACA_MARKERS = (".pixel_attentions.", ".attn2_plus.", ".norm2_plus.", ".proj_in_plus.")
 
 
-class BlendError(ValueError):
+class BlendError(WeightFileError):
     """The personalized weights do not fit the model they are blended into."""
 
 

@@ -11,6 +11,8 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+from pasd_jax.errors import WeightFileError
+
 LDM_UNET = "model.diffusion_model."
 LDM_VAE = "first_stage_model."
 LDM_CLIP = "cond_stage_model.transformer."
@@ -35,7 +37,7 @@ _CROSS_DIM_FAMILY = {1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
 _IN_CHANNEL_VARIANT = {9: "inpainting", 8: "InstructPix2Pix-style (8 input channels)"}
 
 
-class ModelFamilyError(ValueError):
+class ModelFamilyError(WeightFileError):
     """The weights belong to another model family (or a variant) than the SD1.x that PASD needs."""
 
 

@@ -13,11 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pasd_jax.errors import WeightFileError
+
 PathLike = str | os.PathLike
-
-
-class WeightFileError(ValueError):
-    """A weight file or folder is missing, unreadable, truncated or of the wrong kind."""
 
 
 def read_json(path: PathLike, what: str = "config") -> dict[str, Any]:

@@ -48,7 +48,7 @@ _UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _MAX_LISTED = 50
 
 
-class LdmConversionError(ValueError):
+class LdmConversionError(WeightFileError):
     """A single-file checkpoint does not fit the SD1.x LDM layout of the given config."""
 
 

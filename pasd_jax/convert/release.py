@@ -27,6 +27,7 @@ from pasd_jax.convert.folders import CONTROLNET, UNET, kind_of, style_of, to_pyt
 from pasd_jax.convert.io import PathLike, WeightFileError, read_json, write_json
 from pasd_jax.convert.tree import expected_torch_shapes
 from pasd_jax.models.blocks import PLAIN
+from pasd_jax.sharding.trainable_split import DEFAULT_TRAINABLE
 from pasd_jax.safe_write import refuse_existing, refuse_overlap, staged_write
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,9 @@ SUBFOLDERS = (UNET, CONTROLNET)
 FLAX_MARKER = "pasd_jax_checkpoint.json"
 FLAX_WEIGHTS = "flax_params.safetensors"
 FLAX_FORMAT = "pasd_jax.flax_checkpoint"
-DEFAULT_TRAINABLE = ("pixel_attentions", "norm2_plus", "attn2_plus", "proj_in_plus")
 
 
-class ReleaseError(ValueError):
+class ReleaseError(WeightFileError):
     """An export or import that cannot produce a correct folder (wrong inputs, existing output, key mismatch)."""
 
 
@@ -222,7 +222,7 @@ def load_checkpoint(path: PathLike, *, dtype: Any = jnp.float32, param_dtype: An
                     remat: bool = False, cache: "ConversionCache | PathLike | bool | None" = None
                     ) -> dict[str, Model]:
     """What `sample.py --ckpt` loads: an imported Flax folder, or an official PyTorch folder (converted once, then
-    served from the conversion cache). A `train.py` checkpoint goes through `pasd_jax.train.export`."""
+    served from the conversion cache). A `train.py` checkpoint goes through `pasd_jax.runs.export`."""
     path = pathlib.Path(path)
     if is_flax_checkpoint(path):
         return load_flax_checkpoint(path, dtype=dtype, param_dtype=param_dtype, remat=remat)

@@ -10,13 +10,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from pasd_jax.errors import WeightFileError
+
 from pasd_jax.convert.naming import DIFFUSERS, to_flax_layout, to_torch_layout, torch_key, torch_shape
 
 # Pre-0.14 diffusers VAE checkpoints (e.g. the original SD1.5 release) name the attention projections differently.
 _LEGACY = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(WeightFileError):
     """The weights do not fit the model built from the config: lists every offending key."""
 
 

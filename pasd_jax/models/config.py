@@ -14,8 +14,7 @@ DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
-class ConfigError(ValueError):
-    """A model config asks for something this implementation does not have."""
+from pasd_jax.errors import ConfigError  # noqa: E402  (a model config asks for something we do not have)
 
 
 def _tuple(v: Any, n: int, name: str) -> tuple:

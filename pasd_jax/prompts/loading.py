@@ -14,12 +14,9 @@ from typing import Any, Callable
 from PIL import Image
 
 from pasd_jax.convert.io import WeightFileError
+from pasd_jax.errors import MissingDependencyError
 
 PathLike = str | os.PathLike
-
-
-class MissingDependencyError(ImportError):
-    """An optional package needed by the chosen `--high-level-info` is not installed."""
 
 
 def file_identity(path: PathLike) -> str:

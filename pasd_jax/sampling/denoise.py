@@ -1,7 +1,7 @@
 """Pure building blocks of the PASD sampler (spec 4.5-4.9): latent init with the ANS, the guided ControlNet + UNet
-noise estimate, the denoising `lax.scan`, the tiled step, and decoding to uint8.
+noise estimate, the denoising `lax.scan`, and decoding to uint8.
 
-Every function here is traced inside a program built by `pipeline.PASDPipeline`; nothing touches the host. Runtime
+Every function here is traced inside a program built by `pipeline.PASDPipeline` (and `tiled`); nothing touches the host. Runtime
 scalars (guidance, conditioning scale, ANS coefficients, offset-noise scale) are arrays, so changing them never
 recompiles.
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pasd_jax.models.vae import sample_posterior
-from pasd_jax.sampling import tiling, vae_tiling
+from pasd_jax.sampling import vae_tiling
 from pasd_jax.schedulers.ans import add_noise
 
 F32 = jnp.float32
@@ -114,44 +114,3 @@ def decode_images(vae: Any, vae_params: Any, z: jax.Array, decoder_tile: int | N
     decoded = vae_tiling.decode(vae, vae_params, z / jnp.asarray(vae.config.scaling_factor, F32), decoder_tile)
     u8 = jnp.round(jnp.clip(decoded.astype(F32) / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
     return jnp.transpose(u8, (0, 2, 3, 1)), decoded
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiled denoising: tiles of all images in fixed-size chunks (tile-major order of `tiling.extract_tiles`)
-
-
-def to_chunks(tiles: jax.Array, chunk: int) -> tuple[jax.Array, ...]:
-    """[n, ...] -> m = ceil(n / chunk) arrays [chunk, ...]; the last is filled with copies of the last tile."""
-    n = tiles.shape[0]
-    m = -(-n // chunk)
-    if m * chunk > n:
-        tiles = jnp.concatenate([tiles, jnp.repeat(tiles[-1:], m * chunk - n, axis=0)], axis=0)
-    return tuple(tiles[j * chunk:(j + 1) * chunk] for j in range(m))
-
-
-def from_chunks(chunks: tuple[jax.Array, ...], n: int) -> jax.Array:
-    return jnp.concatenate(chunks, axis=0)[:n]
-
-
-def latent_tiles(z: jax.Array, layout: tiling.TileLayout, chunk: int) -> tuple[jax.Array, ...]:
-    return to_chunks(tiling.extract_tiles(z, layout), chunk)
-
-
-def tile_inputs(cond: jax.Array, context: jax.Array, layout: tiling.TileLayout, chunk: int,
-                cond_dtype: Any) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    """The per-tile ControlNet image crops (x8 coordinates) and text contexts, chunked like the latent tiles."""
-    cond_tiles = tiling.extract_tiles(cond, layout, tiling.PIXELS_PER_LATENT).astype(cond_dtype)
-    ctx_tiles = tiling.repeat_for_tiles(context, layout.n_tiles)
-    return to_chunks(cond_tiles, chunk), to_chunks(ctx_tiles, chunk)
-
-
-def tiled_update(sched: Any, layout: tiling.TileLayout, chunk: int, carry: Any, i: jax.Array,
-                 eps_chunks: tuple[jax.Array, ...], variance: jax.Array | None,
-                 constrain: Callable[[jax.Array], jax.Array] = lambda x: x) -> tuple[Any, tuple[jax.Array, ...]]:
-    """One step after the tile model calls: Gaussian-blend the tiles' guided eps (section 4.7; CFG, being linear
-    like the blend, is applied per tile), scheduler step on the whole latent, re-cut the tiles."""
-    b = carry.sample.shape[0]
-    eps = tiling.blend_tiles(from_chunks(eps_chunks, layout.n_tiles * b), layout)
-    _, carry = scheduler_step(sched, carry, i, eps, variance)
-    carry = carry._replace(sample=constrain(carry.sample))
-    return carry, latent_tiles(carry.sample, layout, chunk)

@@ -17,7 +17,7 @@ from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
 from pasd_jax.convert.io import PathLike, WeightFileError
 from pasd_jax.convert.personalize import apply_lora, swap_base
 from pasd_jax.convert.release import is_flax_checkpoint, is_official_checkpoint, load_checkpoint
-from pasd_jax.sampling.pipeline import Models
+from pasd_jax.models.bundle import Models
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Loaded:
     models: Models
+    params: dict
     scheduler_config: pathlib.Path
     tokenizer_dir: pathlib.Path
     variant: str
@@ -33,8 +34,8 @@ class Loaded:
 
 def _train_checkpoint(path: pathlib.Path) -> dict | None:
     """A `train.py` work dir (or its checkpoints/ dir), restored at its latest step; None if it is not one."""
-    from pasd_jax.train.checkpoint import checkpoint_dir
-    from pasd_jax.train.export import restore_for_export
+    from pasd_jax.runs.checkpoint import checkpoint_dir
+    from pasd_jax.runs.export import restore_for_export
 
     ckdir = checkpoint_dir(path)
     if not ckdir.is_dir() or not any(p.is_dir() and p.name.isdigit() for p in ckdir.iterdir()):
@@ -83,7 +84,7 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
         unet = (unet[0], merged.unet)
         text_encoder = (text_encoder[0], merged.text_encoder)
         notes.append(merged.report.summary())
-    models = Models(unet[0], unet[1], controlnet[0], controlnet[1], vae[0], vae[1], text_encoder[0],
-                    text_encoder[1])
-    return Loaded(models, pathlib.Path(sd.scheduler_config), pathlib.Path(sd.tokenizer_dir), unet[0].variant,
+    models = Models(unet[0], controlnet[0], vae[0], text_encoder[0])
+    params = {"unet": unet[1], "controlnet": controlnet[1], "vae": vae[1], "text_encoder": text_encoder[1]}
+    return Loaded(models, params, pathlib.Path(sd.scheduler_config), pathlib.Path(sd.tokenizer_dir), unet[0].variant,
                   tuple(notes))

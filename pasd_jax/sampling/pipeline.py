@@ -1,6 +1,6 @@
 """The PASD sampler: official pipeline semantics (spec 4.4-4.10) as compiled, cached, sharded JAX programs.
 
-    pipe = PASDPipeline(models, "<sd15>/scheduler", "<sd15>/tokenizer")
+    pipe = PASDPipeline(models, params, "<sd15>/scheduler", "<sd15>/tokenizer")
     out = pipe.sample(images_u8, prompts, negative_prompts, keys, SamplingOptions(steps=20))
 
 `sample` returns the pipeline's images before the colour fix, round(clamp(x / 2 + 0.5) * 255) as uint8, like the
@@ -11,42 +11,26 @@ Programs and compilation
   shape-changing options): VAE encode, posterior sample, ANS, the denoising loop as `lax.scan` (ControlNet + PASD
   UNet + CFG + scheduler step), VAE decode and the uint8 conversion. Guidance, conditioning scale, ANS level/mode
   and offset-noise scale are runtime arrays, so changing them reuses the program.
-- Large images (h * w > T^2): the official latent tiling (spec 4.7). The expensive part, ControlNet + UNet on a
-  batch of `tile_batch` tiles of the fixed tile size T' = min(T, h, w) (with their CFG pairs), is one program shared
-  by every image size. The size-dependent parts are three cheap programs without any network in the loop:
-  `tiled_prepare` (VAE encode, ANS, cut latent/condition tiles), `tiled_step` (Gaussian blend of the tile outputs,
-  scheduler step, re-cut; the step index is traced, so one program serves all steps) and `tiled_finish` (decode).
-  The step loop is a Python loop: each step runs ceil(tiles / tile_batch) model calls of a few hundred ms, so
-  dispatch costs nothing measurable, while keeping the loop in one `lax.scan` would tie the UNet's compilation
-  to the image size. All tiles of all images in the batch go through the model in fixed-size chunks (the last
-  chunk is topped up with copies of the last tile, whose outputs are dropped). `tile_batch` defaults to 2: one
-  320x320-latent tile with its CFG pair is already 2 x 25 times the work of a 512 image, which saturates a GPU, so
-  bigger chunks gain little and waste up to tile_batch - 1 tiles per image in the last chunk. Guidance is applied
-  per tile before blending (both are linear, so this equals the official order up to rounding). Only an image
-  narrower than T latent pixels gets a different tile side T' and hence a second model program.
+- Large images (h * w > T^2): the official latent tiling (spec 4.7), in `sampling.tiled`: one ControlNet + UNet
+  program of the fixed tile size shared by every image size, plus three cheap size-dependent programs.
 - The VAE (tiled above the official thresholds; exact, see `vae_tiling`) is part of the untiled program and of
   the cheap per-size programs of the tiled path.
 - Every program lives in an explicit cache keyed by everything that changes its shapes or structure;
   `trace_counts` counts traces per program kind (`trace_count` is their sum), which the tests check.
 
-Randomness: each image's draws come from its own key, `jax.random.split(key, 4)` -> (posterior noise, noise at
-timesteps[0], added noise at the ANS level, DDIM variance noise), or (noise, offset noise) for the pure-noise start.
-`draws=` injects tensors instead (the recorded golden draws). Results thus do not depend on batch composition.
+Randomness: each image's draws come from its own key (`sampling.draws`); `draws=` injects tensors instead (the
+recorded golden draws). Results thus do not depend on batch composition.
 
 Precision: `dtype` casts all frozen params and the model compute; latents, the scheduler, the guidance arithmetic,
 norm statistics, softmax and the final convs stay fp32 (the official keeps fp16 latents; fp32 is strictly better).
 
-Devices: a 1-D mesh over all devices (or `devices=`), params replicated. Untiled, the batch is padded to a multiple
-of the device count (copies of the last image, dropped) and split by image. Tiled, the unit of parallelism is the
-tile: every model call's chunk (`tile_batch` rounded up to the device count) is split over the devices, while the
-cheap whole-image work (VAE, blend, scheduler step) is replicated unless the batch divides evenly, so one large
-image uses every device without being duplicated.
+Devices: a mesh with every device (or `devices=`) on `data`, params replicated. Untiled, the batch is padded to a
+multiple of the device count (copies of the last image, dropped) and split by image. Tiled, the unit of
+parallelism is the tile chunk.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
-import math
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -55,118 +39,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax import sharding
+from pasd_jax.models.bundle import COMPONENTS, Models
 from pasd_jax.sampling import denoise as core
-from pasd_jax.sampling import sharding, tiling, vae_tiling
-from pasd_jax.sampling.text import TextEncoderCache, load_tokenizer, tokenize
-from pasd_jax.schedulers import ANS_MODES, SCHEDULER_KINDS, ans_coefficients, scheduler_from_config
+from pasd_jax.sampling import draws as draws_lib
+from pasd_jax.sampling import tiled as tiled_path
+from pasd_jax.sampling import tiling, vae_tiling
+from pasd_jax.sampling.options import DTYPES, SampleResult, SamplingOptions
+from pasd_jax.sampling.text import TextEncoderCache
+from pasd_jax.schedulers import ans_coefficients, scheduler_from_config
 from pasd_jax.schedulers.schedule import load_config
+from pasd_jax.tokenizer import load_tokenizer, tokenize
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-TILED_VAE_MODES = ("auto", "on", "off")
-DRAW_NAMES_ANS = ("posterior", "noise", "added_noise")
-DRAW_NAMES_INIT_NOISE = ("noise", "offset_noise")
+EpsFactory = Callable[[Models], core.EpsFn]
 
 
-class Models(NamedTuple):
-    """Flax modules and their params (any float dtype; cast per `SamplingOptions.dtype`)."""
-    unet: Any
-    unet_params: Any
-    controlnet: Any
-    controlnet_params: Any
-    vae: Any
-    vae_params: Any
-    text_encoder: Any
-    text_encoder_params: Any
+def guided_eps(modules: Models) -> core.EpsFn:
+    """The real noise estimate: ControlNet + PASD UNet + classifier-free guidance."""
+    return core.make_guided_eps(modules.unet, modules.controlnet)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """Sampling settings (official `test_pasd.py` defaults, spec 4.1). Validated on construction.
-
-    tiled_vae: "auto" (official thresholds: encoder above tile + 64 px, decoder above tile + 22 latent px), "on",
-    "off". vae_encoder_tile is in image pixels, vae_decoder_tile in latent pixels. tile_batch: latent tiles per
-    ControlNet + UNet call in the tiled path (rounded up to a multiple of the device count); it fixes that
-    program's shape, so every large image size reuses it.
-    """
-    steps: int = 20
-    scheduler: str = "unipc"
-    guidance_scale: float = 9.0
-    conditioning_scale: float = 1.0
-    added_noise_level: int = 900
-    ans_mode: str = "paper"
-    init_noise: bool = False
-    offset_noise_scale: float = 0.0
-    eta: float = 0.0
-    latent_tile_size: int = 320
-    latent_tile_overlap: int = 8
-    tiled_vae: str = "auto"
-    vae_encoder_tile: int = 1024
-    vae_decoder_tile: int = 224
-    dtype: str = "float32"
-    tile_batch: int = 2
-
-    def __post_init__(self):
-        def fail(msg: str):
-            raise ValueError(f"SamplingOptions: {msg}")
-
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-        if self.tiled_vae is True or self.tiled_vae is False:
-            object.__setattr__(self, "tiled_vae", "on" if self.tiled_vae else "off")
-        if not is_int(self.steps) or self.steps < 1:
-            fail(f"steps must be a positive integer, got {self.steps!r}")
-        if self.scheduler not in SCHEDULER_KINDS:
-            fail(f"scheduler must be one of {SCHEDULER_KINDS}, got {self.scheduler!r}")
-        for name in ("guidance_scale", "conditioning_scale", "offset_noise_scale", "eta"):
-            if not is_num(getattr(self, name)):
-                fail(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if self.eta < 0:
-            fail(f"eta must be >= 0, got {self.eta}")
-        if self.eta > 0 and self.scheduler != "ddim":
-            fail(f"eta only applies to the ddim scheduler (got eta={self.eta} with {self.scheduler})")
-        if not is_int(self.added_noise_level) or not 0 <= self.added_noise_level <= 999:
-            fail(f"added_noise_level must be an integer timestep in [0, 999], got {self.added_noise_level!r}")
-        if self.ans_mode not in ANS_MODES:
-            fail(f"ans_mode must be one of {ANS_MODES}, got {self.ans_mode!r}")
-        if not isinstance(self.init_noise, bool):
-            fail(f"init_noise must be a bool, got {self.init_noise!r}")
-        if not is_int(self.latent_tile_size) or self.latent_tile_size < 1:
-            fail(f"latent_tile_size must be a positive integer (latent pixels), got {self.latent_tile_size!r}")
-        if (not is_int(self.latent_tile_overlap) or not 0 <= self.latent_tile_overlap < self.latent_tile_size):
-            fail(f"latent_tile_overlap must be an integer in [0, latent_tile_size), got {self.latent_tile_overlap!r}")
-        if self.tiled_vae not in TILED_VAE_MODES:
-            fail(f"tiled_vae must be one of {TILED_VAE_MODES}, got {self.tiled_vae!r}")
-        if not is_int(self.vae_encoder_tile) or self.vae_encoder_tile < 64 or self.vae_encoder_tile % 8:
-            fail(f"vae_encoder_tile must be a multiple of 8 and >= 64 (image pixels), got {self.vae_encoder_tile!r}")
-        if not is_int(self.vae_decoder_tile) or self.vae_decoder_tile < 8:
-            fail(f"vae_decoder_tile must be an integer >= 8 (latent pixels), got {self.vae_decoder_tile!r}")
-        if self.dtype not in DTYPES:
-            fail(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if not is_int(self.tile_batch) or self.tile_batch < 1:
-            fail(f"tile_batch must be a positive integer, got {self.tile_batch!r}")
-
-    @property
-    def use_cfg(self) -> bool:
-        """The official pipeline runs classifier-free guidance only when guidance_scale > 1."""
-        return self.guidance_scale > 1.0
-
-
-class SampleResult(NamedTuple):
-    """`PASDPipeline.run` output; the float fields are None unless `debug=True`."""
-    images: np.ndarray                 # [B, H, W, 3] uint8, before colour fix
-    z_n: np.ndarray | None = None      # [B, 4, h, w] starting latent
-    latents: np.ndarray | None = None  # [steps, B, 4, h, w] latent after every step
-    decoded: np.ndarray | None = None  # [B, 3, H, W] VAE output, unclamped
-    tiled: bool = False                # took the latent-tiling path
-    devices: int = 1                   # devices the images (untiled) or tile chunks (tiled) were split over
-
-
-class _Placed(NamedTuple):
+class Placed(NamedTuple):
     modules: Models
     params: dict
+
+
+def _check_params(models: Models, params: Mapping[str, Any]) -> dict:
+    if not isinstance(models, Models):
+        raise TypeError(f"models must be a pasd_jax.models.bundle.Models, got {type(models).__name__}")
+    missing = [c for c in COMPONENTS if c not in params]
+    if missing:
+        raise ValueError(f"params must hold a tree for each of {COMPONENTS}; missing {missing}")
+    return {c: params[c] for c in COMPONENTS}
 
 
 class PASDPipeline:
@@ -174,35 +78,30 @@ class PASDPipeline:
 
     Params are cast to each requested dtype once and kept replicated on the mesh; pass host (numpy) params or
     params already in the compute dtype, or the device also keeps the originals. `eps_fn_factory(modules)` builds
-    the guided noise estimate (ControlNet + UNet + CFG); tests swap in stand-ins before the first call.
+    the guided noise estimate (default: ControlNet + UNet + CFG; tests pass stand-ins).
     """
 
-    def __init__(self, models: Models, scheduler_config: Mapping[str, Any] | str | pathlib.Path,
-                 tokenizer: Any, *, devices: Sequence[Any] | None = None):
-        if not isinstance(models, Models):
-            raise TypeError(f"models must be a pasd_jax.sampling.pipeline.Models, got {type(models).__name__}")
+    def __init__(self, models: Models, params: Mapping[str, Any], scheduler_config: Mapping[str, Any] | str |
+                 pathlib.Path, tokenizer: Any, *, devices: Sequence[Any] | None = None,
+                 eps_fn_factory: EpsFactory = guided_eps):
         self.models = models
+        self.params = _check_params(models, params)
         self.scheduler_config = load_config(scheduler_config)
         self.tokenizer = load_tokenizer(tokenizer)
-        self.mesh = sharding.make_mesh(devices)
+        self.mesh = sharding.make_mesh(devices=devices)
+        self.eps_fn_factory = eps_fn_factory
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._programs: dict[tuple, Callable] = {}
-        self._placed: dict[str, _Placed] = {}
+        self._placed: dict[str, Placed] = {}
         self._cast_fns: dict[str, Callable] = {}
         self._schedulers: dict[tuple, Any] = {}
-        self.text = TextEncoderCache(self.tokenizer, lambda dt: self._place(dt).modules.text_encoder,
-                                     lambda dt: self._place(dt).params["text_encoder"], self._traced)
-        self.eps_fn_factory: Callable[[Models], core.EpsFn] = lambda m: core.make_guided_eps(m.unet, m.controlnet)
+        self.text = TextEncoderCache(self.tokenizer, lambda dt: self.place(dt).modules.text_encoder,
+                                     lambda dt: self.place(dt).params["text_encoder"], self.traced)
 
-    def set_params(self, models: Models) -> None:
+    def set_params(self, params: Mapping[str, Any]) -> None:
         """New weights for the same modules (validation samples during training): params are arguments of the
         compiled programs, so every program is kept; only the placed (cast, replicated) copies are redone."""
-        if not isinstance(models, Models):
-            raise TypeError(f"models must be a pasd_jax.sampling.pipeline.Models, got {type(models).__name__}")
-        for name in ("unet", "controlnet", "vae", "text_encoder"):
-            if getattr(models, name) != getattr(self.models, name):
-                raise ValueError(f"set_params: the {name} module differs; build a new PASDPipeline for new modules")
-        self.models = models
+        self.params = _check_params(self.models, params)
         self.release()
 
     def release(self) -> None:
@@ -218,7 +117,7 @@ class PASDPipeline:
         """Total traces of every program (text encoder, draws, samplers): a cached program never adds to it."""
         return sum(self.trace_counts.values())
 
-    def _traced(self, name: str) -> None:
+    def traced(self, name: str) -> None:
         self.trace_counts[name] += 1
 
     @property
@@ -236,15 +135,12 @@ class PASDPipeline:
                                                           **({"eta": eta} if kind == "ddim" else {}))
         return self._schedulers[key]
 
-    def _place(self, dtype_name: str) -> _Placed:
+    def place(self, dtype_name: str) -> Placed:
         """Modules computing in `dtype` and their params cast to it, replicated over the mesh (cached)."""
         if dtype_name not in self._placed:
             dt = DTYPES[dtype_name]
-            m = self.models
-            modules = Models(m.unet.clone(dtype=dt), None, m.controlnet.clone(dtype=dt), None,
-                             m.vae.clone(dtype=dt), None, m.text_encoder.clone(dtype=dt), None)
-            tree = {"unet": m.unet_params, "controlnet": m.controlnet_params, "vae": m.vae_params,
-                    "text_encoder": m.text_encoder_params}
+            modules = self.models.clone(dtype=dt)
+            tree = self.params
 
             def needs_cast(x) -> bool:
                 return jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt
@@ -258,10 +154,11 @@ class PASDPipeline:
                 params = self._cast_fns[dtype_name](tree)
             else:
                 params = jax.device_put(tree, rep)
-            self._placed[dtype_name] = _Placed(modules, params)
+            self._placed[dtype_name] = Placed(modules, params)
         return self._placed[dtype_name]
 
-    def _program(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+    def program(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+        """The compiled program cached under `key` (built on first use)."""
         if key not in self._programs:
             self._programs[key] = build()
         return self._programs[key]
@@ -285,42 +182,10 @@ class PASDPipeline:
 
         def build():
             def draw(keys):
-                self._traced("draws")
-
-                def one(k):
-                    k_a, k_b, k_c, k_d = jax.random.split(k, 4)
-                    if init_noise:
-                        return {"noise": jax.random.normal(k_a, latent_shape, jnp.float32),
-                                "offset_noise": jax.random.normal(k_b, latent_shape[:1] + (1, 1), jnp.float32)}
-                    d = {"posterior": jax.random.normal(k_a, latent_shape, jnp.float32),
-                         "noise": jax.random.normal(k_b, latent_shape, jnp.float32),
-                         "added_noise": jax.random.normal(k_c, latent_shape, jnp.float32)}
-                    if variance_steps:
-                        d["variance"] = jax.random.normal(k_d, (variance_steps,) + latent_shape, jnp.float32)
-                    return d
-                return jax.vmap(one)(keys)
+                self.traced("draws")
+                return jax.vmap(lambda k: draws_lib.draw_one(k, latent_shape, init_noise, variance_steps))(keys)
             return jax.jit(draw, out_shardings=placement)
-        return self._program(key, build)(keys)
-
-    def _check_draws(self, draws: Mapping[str, Any], b: int, latent_shape: tuple[int, int, int], init_noise: bool,
-                     variance_steps: int) -> dict[str, np.ndarray]:
-        names = DRAW_NAMES_INIT_NOISE if init_noise else DRAW_NAMES_ANS
-        shapes = {n: (b,) + latent_shape for n in names}
-        if init_noise:
-            shapes["offset_noise"] = (b, latent_shape[0], 1, 1)
-        if variance_steps:
-            shapes["variance"] = (b, variance_steps) + latent_shape
-        missing = [n for n in shapes if n not in draws]
-        extra = [n for n in draws if n not in shapes]
-        if missing or extra:
-            raise ValueError(f"draws must hold exactly {sorted(shapes)}; missing {missing}, unexpected {extra}")
-        out = {}
-        for n, shape in shapes.items():
-            a = np.asarray(draws[n], np.float32)
-            if a.shape != shape:
-                raise ValueError(f"draws[{n!r}] must have shape {shape}, got {a.shape}")
-            out[n] = a
-        return out
+        return self.program(key, build)(keys)
 
     # --- sampling ---------------------------------------------------------------------------------------------
 
@@ -363,7 +228,7 @@ class PASDPipeline:
         placement = sharding.batch_sharded(self.mesh) if bp % n_dev == 0 else sharding.replicated(self.mesh)
 
         if draws is not None:
-            drawn = self._check_draws(draws, b, latent_shape, options.init_noise, variance_steps)
+            drawn = draws_lib.check_draws(draws, b, latent_shape, options.init_noise, variance_steps)
             drawn = {k: sharding.pad_leading(v, bp) for k, v in drawn.items()}
         else:
             if keys is None:
@@ -391,7 +256,7 @@ class PASDPipeline:
         vt = vae_tiling.resolve_vae_tiling(options.tiled_vae, hh, ww, options.vae_encoder_tile,
                                            options.vae_decoder_tile, f)
         if tiled:
-            out = self._run_tiled(options, sched, vt, images_d, context_d, drawn, scalars, debug)
+            out = tiled_path.run_tiled(self, options, sched, vt, images_d, context_d, drawn, scalars, debug)
         else:
             out = self._run_untiled(options, sched, vt, images_d, context_d, drawn, scalars)
         split = out.get("split", out["images"]).sharding
@@ -408,7 +273,7 @@ class PASDPipeline:
                 vt.encoder_tile, vt.decoder_tile)
 
     def _run_untiled(self, options, sched, vt, images, context, drawn, scalars) -> dict:
-        placed = self._place(options.dtype)
+        placed = self.place(options.dtype)
         key = ("untiled", images.shape, context.shape, self._static_key(options, vt))
         variance_steps = drawn["variance"].shape[1] if "variance" in drawn else 0
 
@@ -420,7 +285,7 @@ class PASDPipeline:
             def program(params, images, context, drawn, scalars):
                 # The per-step latents and the float decoder output are returned too: they cost a few MB, and a
                 # separate debug program would be a second compilation of the whole pipeline.
-                self._traced("untiled")
+                self.traced("untiled")
                 cond = core.condition_image(images)
                 z0 = core.initial_latents(vae, params["vae"], cond, drawn, scalars, init_noise=options.init_noise,
                                           encoder_tile=vt.encoder_tile, init_noise_sigma=sched.init_noise_sigma)
@@ -433,111 +298,14 @@ class PASDPipeline:
                 return {"images": u8, "z_n": z0, "latents": inter, "decoded": decoded}
             return jax.jit(program)
         params = {k: placed.params[k] for k in ("unet", "controlnet", "vae")}
-        out = self._program(key, build)(params, images, context, drawn, scalars)
+        out = self.program(key, build)(params, images, context, drawn, scalars)
         out["tiled"] = False
         return out
 
     def tile_batch(self, options: SamplingOptions) -> int:
-        """Tiles per model call: `options.tile_batch` rounded up to a multiple of the device count."""
-        return sharding.round_up(options.tile_batch, self.mesh.size)
-
-    def _tile_model(self, options: SamplingOptions, tile: int, context_tail: tuple) -> Callable:
-        """The shared ControlNet + UNet program of the tiled path: one chunk of `tile_batch(options)` tiles of side
-        `tile` (keyed by nothing size-dependent, so every large image reuses it)."""
-        placed = self._place(options.dtype)
-        chunk = self.tile_batch(options)
-        mesh = self.mesh
-
-        def build():
-            eps_fn = self.eps_fn_factory(placed.modules)
-
-            def model(params, z, t, context, cond, guidance, cond_scale):
-                self._traced("tiled_model")
-                constrain = lambda x: sharding.constrain_batch(x, mesh)  # noqa: E731
-                return constrain(eps_fn(params, constrain(z), t, context, cond, guidance, cond_scale))
-            return jax.jit(model)
-        return self._program(("tiled_model", chunk, tile, tuple(context_tail), options.dtype), build)
+        """Tiles per model call in the tiled path (`options.tile_batch` rounded up to the device count)."""
+        return tiled_path.tile_batch(self, options)
 
     def tile_noise_fn(self, options: SamplingOptions, tile: int) -> Callable[..., jax.Array]:
-        """The tiled path's guided noise estimate for one chunk of tiles, as the sampler calls it:
-        f(z [c, 4, tile, tile], t, context [c, k, 77, D], cond [c, 3, 8 tile, 8 tile]) -> eps [c, 4, tile, tile] with
-        c = tile_batch(options), k = 2 with guidance (else 1), and the options' guidance and conditioning scale
-        (for tests and benchmarks)."""
-        placed = self._place(options.dtype)
-        k = 2 if options.use_cfg else 1
-        params = {"unet": placed.params["unet"], "controlnet": placed.params["controlnet"]}
-        scal = [jnp.asarray(v, jnp.float32) for v in (options.guidance_scale, options.conditioning_scale)]
-
-        batch, rep = sharding.batch_sharded(self.mesh), sharding.replicated(self.mesh)
-        scal = [jax.device_put(v, rep) for v in scal]
-
-        def f(z, t, context, cond):
-            model = self._tile_model(options, tile, tuple(np.shape(context)[1:]))
-            if np.shape(context)[1] != k:
-                raise ValueError(f"context must hold {k} prompt(s) per tile for these options")
-            put = lambda x, dt: jax.device_put(jnp.asarray(x, dt), batch)  # noqa: E731
-            return model(params, put(z, jnp.float32), jax.device_put(jnp.asarray(t, jnp.int32), rep),
-                         put(context, DTYPES[options.dtype]), put(cond, DTYPES[options.dtype]), *scal)
-        return f
-
-    def _run_tiled(self, options, sched, vt, images, context, drawn, scalars, debug) -> dict:
-        placed = self._place(options.dtype)
-        h, w = images.shape[1] // self.latent_factor, images.shape[2] // self.latent_factor
-        layout = tiling.tile_layout(h, w, options.latent_tile_size, options.latent_tile_overlap)
-        chunk = self.tile_batch(options)
-        variance_steps = drawn["variance"].shape[1] if "variance" in drawn else 0
-        mesh = self.mesh
-        vae = placed.modules.vae
-        constrain = lambda x: sharding.constrain_batch(x, mesh)  # noqa: E731  (tile chunks only)
-        cond_dtype = DTYPES[options.dtype]
-
-        def build_prepare():
-            def prepare(params, images, context, drawn, scalars):
-                self._traced("tiled_prepare")
-                cond = core.condition_image(images)
-                z0 = core.initial_latents(vae, params["vae"], cond, drawn, scalars, init_noise=options.init_noise,
-                                          encoder_tile=vt.encoder_tile, init_noise_sigma=sched.init_noise_sigma)
-                cond_chunks, ctx_chunks = core.tile_inputs(cond, context, layout, chunk, cond_dtype)
-                return (z0, sched.init_carry(z0), tuple(map(constrain, core.latent_tiles(z0, layout, chunk))),
-                        tuple(map(constrain, cond_chunks)), tuple(map(constrain, ctx_chunks)))
-            return jax.jit(prepare)
-
-        def build_step():
-            def step(carry, i, eps_chunks, variance):
-                self._traced("tiled_step")
-                carry, z_chunks = core.tiled_update(sched, layout, chunk, carry, i, eps_chunks, variance)
-                return carry, tuple(map(constrain, z_chunks))
-            return jax.jit(step)
-
-        def build_finish():
-            def finish(params, z):
-                self._traced("tiled_finish")
-                return core.decode_images(vae, params["vae"], z, vt.decoder_tile)
-            return jax.jit(finish)
-
-        # Keys hold exactly what each program's shapes and constants depend on.
-        prepare = self._program(("tiled_prepare", images.shape, context.shape, layout, chunk, options.scheduler,
-                                 options.init_noise, vt.encoder_tile, options.dtype, variance_steps), build_prepare)
-        step = self._program(("tiled_step", images.shape, layout, chunk, options.scheduler, options.steps,
-                              float(options.eta)), build_step)
-        finish = self._program(("tiled_finish", images.shape, vt.decoder_tile, options.dtype), build_finish)
-        model = self._tile_model(options, layout.tile, context.shape[1:])
-
-        vae_params = {"vae": placed.params["vae"]}
-        z0, carry, z_chunks, cond_chunks, ctx_chunks = prepare(vae_params, images, context, drawn, scalars)
-        model_params = {"unet": placed.params["unet"], "controlnet": placed.params["controlnet"]}
-        rep = sharding.replicated(mesh)
-        timesteps = [jax.device_put(np.int32(t), rep) for t in np.asarray(sched.timesteps)]
-        inter = []
-        for i, t in enumerate(timesteps):
-            eps = tuple(model(model_params, z, t, ctx, cond, scalars.guidance, scalars.cond_scale)
-                        for z, ctx, cond in zip(z_chunks, ctx_chunks, cond_chunks))
-            var = drawn["variance"][:, i] if variance_steps else None
-            carry, z_chunks = step(carry, jax.device_put(np.int32(i), rep), eps, var)
-            if debug:
-                inter.append(carry.sample)
-        u8, decoded = finish(vae_params, carry.sample)
-        out = {"images": u8, "tiled": True, "split": z_chunks[0]}
-        if debug:
-            out.update(z_n=z0, latents=jnp.stack(inter), decoded=decoded)
-        return out
+        """The tiled path's guided noise estimate for one chunk of tiles (see `tiled.tile_noise_fn`)."""
+        return tiled_path.tile_noise_fn(self, options, tile)

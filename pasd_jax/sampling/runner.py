@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pasd_jax import image_ops
-from pasd_jax.sampling.image_io import ImageReadError, find_images, output_name, read_image, write_image
+from pasd_jax.image_io import ImageReadError, find_images, output_name, read_image, write_image
 
 COLOR_FIXES = ("wavelet", "adain", "none")
 

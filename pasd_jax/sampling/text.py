@@ -1,4 +1,4 @@
-"""Prompt encoding for the sampler: CLIP token ids and a cache of text-encoder outputs.
+"""Prompt encoding for the sampler: a cache of text-encoder outputs (token ids come from `pasd_jax.tokenizer`).
 
 SD semantics (spec 4.3): ids padded to the tokenizer's max length (77) with truncation, no attention mask, and the
 text encoder's `last_hidden_state`. The encoder runs outside the sampling program, one prompt at a time through a
@@ -8,7 +8,6 @@ negative prompt (and often the same prompt) for every image, so the encoder runs
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,34 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.tokenizer import tokenize
+
 MAX_CACHED_PROMPTS = 1024
-
-
-def load_tokenizer(tokenizer: Any) -> Any:
-    """A `transformers.CLIPTokenizer`, or the folder (or path) of one; loads offline."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import CLIPTokenizer
-
-        if not os.path.isdir(tokenizer):
-            raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist (it must hold vocab.json and "
-                                    "merges.txt of the CLIP tokenizer)")
-        return CLIPTokenizer.from_pretrained(os.fspath(tokenizer))
-    if not callable(tokenizer):
-        raise TypeError(f"expected a CLIPTokenizer or a tokenizer folder, got {type(tokenizer).__name__}")
-    return tokenizer
-
-
-def tokenize(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
-    """[N, 77] int32 ids: padding to max length with truncation, as the official pipeline tokenizes."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of strings, not one string")
-    prompts = list(prompts)
-    for p in prompts:
-        if not isinstance(p, str):
-            raise TypeError(f"prompts must be strings, got {type(p).__name__}")
-    length = int(tokenizer.model_max_length)
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids
-    return np.asarray(ids, np.int32)
 
 
 class TextEncoderCache:

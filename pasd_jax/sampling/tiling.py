@@ -6,16 +6,16 @@ output weighted by a separable Gaussian (sigma 0.1 T', centre (T'-1)/2 along x b
 asymmetry of the official code, kept for parity) and the sum divided by the summed weights. The ControlNet image
 crop is the latent crop times 8.
 
-Here the layout is computed on the host (static ints), all tiles of an image are stacked into ONE batch
-(tile-major: batch index = tile * B + b), so one compiled program of the fixed tile size serves any image size and
-the accelerator sees a large batch instead of one tile per call. The blend weights, already divided by their
-per-pixel sum, are a host constant.
+Here the layout is computed on the host (static ints), the tiles of all images are stacked tile-major (batch index
+= tile * B + b) and cut into chunks of a fixed size, so one compiled model program of the fixed tile size serves
+any image size. The blend weights, already divided by their per-pixel sum, are a host constant. This is the one
+tiling implementation: `sampling.tiled` runs it, and the tests check it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -142,36 +142,34 @@ def repeat_for_tiles(x: jnp.ndarray, n_tiles: int) -> jnp.ndarray:
     return jnp.tile(x, (n_tiles,) + (1,) * (x.ndim - 1))
 
 
-def tiled_apply(fn: Callable[..., jnp.ndarray], x: jnp.ndarray, layout: TileLayout, cond: jnp.ndarray | None = None,
-                cond_scale: int = PIXELS_PER_LATENT, tiles_per_call: int | None = None) -> jnp.ndarray:
-    """Run `fn` on all tiles of `x` (NCHW latent) and blend the outputs (same channels as `fn` returns).
+# The sampler's path: all tiles of all images in fixed-size chunks (one model program for every image size)
 
-    `fn(x_tiles)` or `fn(x_tiles, cond_tiles)` gets tile-major batches [k * B, ...]; `cond` (e.g. the ControlNet
-    image, NCHW) is cropped at `cond_scale` times the latent coordinates. Per-sample context the function closes
-    over must be expanded with `repeat_for_tiles(ctx, k)`, where k = layout.n_tiles, or k = tiles_per_call when
-    that is given: then the tiles run in chunks of that many (`lax.map`; the last chunk is filled with copies of
-    the last tile, whose outputs are dropped), which bounds memory for very large images.
-    """
-    b = x.shape[0]
-    x_tiles = extract_tiles(x, layout)
-    c_tiles = None if cond is None else extract_tiles(cond, layout, cond_scale)
-    call = (lambda xt, ct: fn(xt)) if cond is None else fn
-    n = layout.n_tiles
-    if tiles_per_call is None or tiles_per_call >= n:
-        out = call(x_tiles, c_tiles)
-    else:
-        k = int(tiles_per_call)
-        if k < 1:
-            raise ValueError(f"tiles_per_call must be >= 1, got {k}")
-        chunks = -(-n // k)
+def to_chunks(tiles: jax.Array, chunk: int) -> tuple[jax.Array, ...]:
+    """[n, ...] -> m = ceil(n / chunk) arrays [chunk, ...]; the last is filled with copies of the last tile."""
+    n = tiles.shape[0]
+    m = -(-n // chunk)
+    if m * chunk > n:
+        tiles = jnp.concatenate([tiles, jnp.repeat(tiles[-1:], m * chunk - n, axis=0)], axis=0)
+    return tuple(tiles[j * chunk:(j + 1) * chunk] for j in range(m))
 
-        def chunked(a):
-            if a is None:
-                return None
-            a = a.reshape((n, b) + a.shape[1:])
-            a = jnp.concatenate([a, jnp.repeat(a[-1:], chunks * k - n, axis=0)], axis=0)
-            return a.reshape((chunks, k * b) + a.shape[2:])
-        xs = (chunked(x_tiles), chunked(c_tiles))
-        out = jax.lax.map(lambda args: call(*args), xs)
-        out = out.reshape((chunks * k, b) + out.shape[2:])[:n].reshape((n * b,) + out.shape[2:])
-    return blend_tiles(out, layout)
+
+def from_chunks(chunks: tuple[jax.Array, ...], n: int) -> jax.Array:
+    return jnp.concatenate(chunks, axis=0)[:n]
+
+
+def latent_tiles(z: jax.Array, layout: TileLayout, chunk: int) -> tuple[jax.Array, ...]:
+    """The latent's tiles, tile-major, in chunks of `chunk`."""
+    return to_chunks(extract_tiles(z, layout), chunk)
+
+
+def tile_inputs(cond: jax.Array, context: jax.Array, layout: TileLayout, chunk: int,
+                cond_dtype: Any) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """The per-tile ControlNet image crops (x8 coordinates) and text contexts, chunked like the latent tiles."""
+    cond_tiles = extract_tiles(cond, layout, PIXELS_PER_LATENT).astype(cond_dtype)
+    ctx_tiles = repeat_for_tiles(context, layout.n_tiles)
+    return to_chunks(cond_tiles, chunk), to_chunks(ctx_tiles, chunk)
+
+
+def blend_chunks(chunks: tuple[jax.Array, ...], layout: TileLayout, batch: int) -> jax.Array:
+    """The model outputs of `latent_tiles`' chunks -> the blended [batch, C, H, W] (padding tiles dropped)."""
+    return blend_tiles(from_chunks(chunks, layout.n_tiles * batch), layout)

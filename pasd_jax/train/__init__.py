@@ -1,14 +1,11 @@
 """PASD training: frozen SD base, trainable ControlNet + PACA, sharded over any device mesh.
 
-Modules, one job each: `models` (the Flax modules and their params), `setup` (starting params), `partition`
-(trainable/frozen split), `losses`, `step` (the pure train step), `sharding` (mesh and rules), `layout` (shardings +
-AOT-compiled step), `data` (loader -> global batches), `checkpoint` (Orbax), `export` (a run back as full PASD
-models, official layout), `metrics`, `validate` (config checks), `validation` (samples during training),
-`loop` (`train`).
+Modules, one job each: `setup` (starting params), `losses`, `step` (the pure train step), `layout` (where every
+array lives + the AOT-compiled step), `data` (loader -> global batches), `metrics`, `config_checks` (config values
+checked before anything compiles), `validation` (samples during training), `loop` (`train`) and `cli`
+(`pasd-train`). Reading and writing a run's checkpoints lives in `pasd_jax.runs`, meshes and the trainable split
+in `pasd_jax.sharding`.
 """
-from pasd_jax.train.export import export_pytorch, export_train_checkpoint, restore_for_export
 from pasd_jax.train.loop import NonFiniteLossError, RunResult, train
-from pasd_jax.train.validate import ConfigError
 
-__all__ = ["ConfigError", "NonFiniteLossError", "RunResult", "export_pytorch", "export_train_checkpoint",
-           "restore_for_export", "train"]
+__all__ = ["NonFiniteLossError", "RunResult", "train"]

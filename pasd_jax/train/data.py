@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pasd_jax.train import sharding as shd
+from pasd_jax import sharding as shd
 
 MODEL_KEYS = ("hq", "lq", "input_ids")
 BOS, EOS = 49406, 49407

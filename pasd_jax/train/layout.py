@@ -17,8 +17,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
-from pasd_jax.train import partition, sharding
-from pasd_jax.train.models import Models, abstract
+from pasd_jax import sharding
+from pasd_jax.sharding import trainable_split
+from pasd_jax.models.bundle import Models
+from pasd_jax.runs.models import abstract
 from pasd_jax.train.step import Diffusion, init_state, make_optimizer, make_train_step
 
 RUN_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)  # raw threefry key data of the run
@@ -59,7 +61,7 @@ def freeze(mapping: Mapping[str, Any]) -> tuple:
 def make_layout(models: Models, names: tuple[str, ...], compute_dtype: str, optim: tuple, mesh: Mesh,
                 rules: tuple, min_size: int) -> Layout:
     """Trainable params fp32, frozen params in the compute dtype, optimizer moments like their params."""
-    unet_train, unet_frozen = partition.split_unet(abstract(models.unet), names)
+    unet_train, unet_frozen = trainable_split.split_unet(abstract(models.unet), names)
     trainable = {CONTROLNET: abstract(models.controlnet), UNET: unet_train}
     frozen = {UNET: unet_frozen, VAE: abstract(models.vae), TEXT_ENCODER: abstract(models.text_encoder)}
     frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(compute_dtype)), frozen)

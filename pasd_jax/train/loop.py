@@ -22,21 +22,25 @@ import numpy as np
 
 from pasd_jax.convert.folders import CONTROLNET, UNET
 from pasd_jax.schedulers.schedule import alphas_cumprod_from_betas, effective_config, load_config, make_betas
-from pasd_jax.train import checkpoint as ckpt_lib
+from pasd_jax.runs import checkpoint as ckpt_lib
 from pasd_jax.train import data as data_lib
 from pasd_jax.train import layout as layout_lib
-from pasd_jax.train import partition, setup, sharding
-from pasd_jax.train.export import export_pytorch
+from pasd_jax.train import setup
+from pasd_jax import sharding
+from pasd_jax.sharding import trainable_split
+from pasd_jax.runs.export import export_pytorch
 from pasd_jax.train.metrics import MetricsWriter
-from pasd_jax.train.models import Models, build_models, cast, load_frozen
+from pasd_jax.models.bundle import Models
+from pasd_jax.runs.models import build_models, cast, load_frozen
 from pasd_jax.train.step import Diffusion
-from pasd_jax.train.validate import ConfigError, validate
+from pasd_jax.errors import ConfigError, PasdError
+from pasd_jax.train.config_checks import validate
 from pasd_jax.train.validation import Validator
 
 IteratorFactory = Callable[..., Iterator]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PasdError, RuntimeError):
     """The loss or gradient norm became NaN/inf; no checkpoint was written from that state."""
 
 
@@ -64,7 +68,7 @@ def init_distributed(dc) -> None:
 @functools.lru_cache(maxsize=4)
 def null_ids(tokenizer_path: str) -> tuple[int, ...]:
     """Token ids of the empty caption, made by the loader's own tokenize (so they match real captions)."""
-    from data_pipeline.gt_prep import load_tokenizer, tokenize
+    from pasd_jax.tokenizer import load_tokenizer, tokenize
     return tuple(int(i) for i in tokenize(load_tokenizer(tokenizer_path), ""))
 
 
@@ -227,7 +231,7 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
     writer = MetricsWriter(workdir, total_steps=steps, start_step=step, enabled=jax.process_index() == 0,
                            progress=bool(config.progress))
     writer.message(f"{'resumed from' if run.latest else 'new run at'} step {step} in {workdir}: "
-                   f"{run.models.variant}, {partition.count(layout.trainable) / 1e6:.1f}M trainable params, mesh "
+                   f"{run.models.variant}, {trainable_split.count(layout.trainable) / 1e6:.1f}M trainable params, mesh "
                    f"{dict(layout.mesh.shape)}, ready in {time.perf_counter() - t_start:.1f}s (setup + compile)")
     loop = _Loop(config, ckpts, writer, last_saved=run.latest)
     validation = config.get("validation")
@@ -327,5 +331,5 @@ def export_live(configs: Mapping[str, dict], variant: str, params: Any, base: Ma
         return None
     fp32 = build_models(configs, variant)
     unet_frozen = load_frozen(fp32, base, names, kinds=(UNET,))[UNET]
-    unet = partition.merge(unet_frozen, trained[UNET])
+    unet = trainable_split.merge(unet_frozen, trained[UNET])
     return export_pytorch((fp32.unet, unet), (fp32.controlnet, trained[CONTROLNET]), folder)

@@ -20,10 +20,11 @@ from pasd_jax.convert.io import read_json
 from pasd_jax.models.blocks import PLAIN
 from pasd_jax.models.config import controlnet_config_from_unet
 from pasd_jax.models.controlnet import controlnet_params_from_unet
-from pasd_jax.train import partition
-from pasd_jax.train.checkpoint import read_metadata
-from pasd_jax.train.export import restore_for_export
-from pasd_jax.train.models import BASE_KINDS, Models, Tree, load_frozen, random_params, to_numpy
+from pasd_jax.sharding import trainable_split
+from pasd_jax.runs.checkpoint import read_metadata
+from pasd_jax.runs.export import restore_for_export
+from pasd_jax.models.bundle import Models
+from pasd_jax.runs.models import BASE_KINDS, Tree, load_frozen, random_params, to_numpy
 
 
 def _config_json(folder_or_file: str | pathlib.Path) -> dict:
@@ -69,18 +70,18 @@ def fresh_start(config, models: Models, configs: Mapping[str, dict],
     if mc.init_from:
         unet, controlnet, base = _from_pasd(config, models)
         frozen = load_frozen(models, base, names, unet=unet)
-        return {CONTROLNET: controlnet, UNET: partition.split_unet(unet, names)[0]}, frozen, base
+        return {CONTROLNET: controlnet, UNET: trainable_split.split_unet(unet, names)[0]}, frozen, base
     fresh = {kind: random_params(getattr(models, kind), config.seed, kind) for kind in (UNET, CONTROLNET)}
     if not mc.base:
         fresh.update({kind: random_params(getattr(models, kind), config.seed, kind) for kind in (VAE, TEXT_ENCODER)})
-    paca, random_sd = partition.split_unet(fresh[UNET], names)
+    paca, random_sd = trainable_split.split_unet(fresh[UNET], names)
     if mc.base:
         base = {k: str(pathlib.Path(mc.base) / k) for k in BASE_KINDS}
         frozen = load_frozen(models, base, names)
     else:
         frozen = {UNET: random_sd, VAE: fresh[VAE], TEXT_ENCODER: fresh[TEXT_ENCODER]}
         base = write_base(models, configs, frozen, pathlib.Path(workdir) / "base")
-    unet = partition.merge(frozen[UNET], paca)
+    unet = trainable_split.merge(frozen[UNET], paca)
     controlnet = to_numpy(controlnet_params_from_unet(unet, fresh[CONTROLNET]))
     return {CONTROLNET: controlnet, UNET: paca}, frozen, base
 

@@ -20,9 +20,9 @@ import optax
 
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
 from pasd_jax.models.vae import sample_posterior
-from pasd_jax.train import partition
+from pasd_jax.sharding import trainable_split
 from pasd_jax.train.losses import pasd_loss
-from pasd_jax.train.models import Models
+from pasd_jax.models.bundle import Models
 
 State = dict[str, Any]  # {"step": int32[], "params": trainable tree, "opt_state": ..., "rng": uint32[2]}
 
@@ -54,7 +54,7 @@ def forward_losses(trainable: Mapping, frozen_unet: Mapping, models: Models, x: 
     rgbs, down, mid = models.controlnet.apply(
         {"params": trainable[CONTROLNET]}, x.noisy_latents, x.timesteps, x.encoder_hidden_states, x.cond,
         diffusion.conditioning_scale)
-    unet_params = partition.merge(frozen_unet, trainable[UNET])
+    unet_params = trainable_split.merge(frozen_unet, trainable[UNET])
     pred = models.unet.apply({"params": unet_params}, x.noisy_latents, x.timesteps, x.encoder_hidden_states,
                              down_block_additional_residuals=down, mid_block_additional_residual=mid)
     return pasd_loss(pred, x.target, rgbs, x.gt, diffusion.dr_weight)

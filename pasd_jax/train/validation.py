@@ -14,10 +14,11 @@ from typing import Any
 import jax
 
 from pasd_jax.sampling import runner
-from pasd_jax.sampling.pipeline import Models as SamplingModels
-from pasd_jax.sampling.pipeline import PASDPipeline, SamplingOptions
-from pasd_jax.train import partition, sharding
-from pasd_jax.train.models import Models
+from pasd_jax.sampling.options import SamplingOptions
+from pasd_jax.sampling.pipeline import PASDPipeline
+from pasd_jax import sharding
+from pasd_jax.sharding import trainable_split
+from pasd_jax.models.bundle import Models
 
 VALIDATION_DIR = "validation"
 
@@ -59,12 +60,10 @@ class Validator:
             if jax.process_index() != 0:
                 return None
             devices = jax.local_devices()
-        m = self.models
-        params = SamplingModels(m.unet, partition.merge(frozen["unet"], trainable["unet"]),
-                                m.controlnet, trainable["controlnet"], m.vae, frozen["vae"],
-                                m.text_encoder, frozen["text_encoder"])
+        params = {"unet": trainable_split.merge(frozen["unet"], trainable["unet"]),
+                  "controlnet": trainable["controlnet"], "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]}
         if self.pipeline is None:
-            self.pipeline = PASDPipeline(params, self.scheduler, self.tokenizer, devices=devices)
+            self.pipeline = PASDPipeline(self.models, params, self.scheduler, self.tokenizer, devices=devices)
         else:
             self.pipeline.set_params(params)
         prompt = str(self.v.prompt)

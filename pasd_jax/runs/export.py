@@ -16,9 +16,9 @@ from pasd_jax.convert.folders import CONTROLNET, UNET
 from pasd_jax.convert.io import PathLike
 from pasd_jax.convert.release import DEFAULT_TRAINABLE, ReleaseInfo, describe_base, export_release, lookup_config
 from pasd_jax.safe_write import refuse_existing, refuse_overlap
-from pasd_jax.train import partition
-from pasd_jax.train.checkpoint import Checkpoints, checkpoint_dir, resolve_base
-from pasd_jax.train.models import abstract, build_models, load_frozen
+from pasd_jax.sharding import trainable_split
+from pasd_jax.runs.checkpoint import Checkpoints, checkpoint_dir, resolve_base
+from pasd_jax.runs.models import abstract, build_models, load_frozen
 
 
 def restore_for_export(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
@@ -39,12 +39,12 @@ def restore_for_export(ckpt_dir: str | os.PathLike, step: int | None = None) -> 
         names = tuple(meta["trainable"])
         models = build_models(meta["model_configs"], meta["variant"])
         shapes = {CONTROLNET: abstract(models.controlnet),
-                  UNET: partition.split_unet(abstract(models.unet), names)[0]}
+                  UNET: trainable_split.split_unet(abstract(models.unet), names)[0]}
         trained = ck.restore_params_numpy(step, shapes)
     finally:
         ck.close()
     frozen = load_frozen(models, meta["base"], names, kinds=(UNET,))
-    unet = partition.merge(frozen[UNET], trained[UNET])
+    unet = trainable_split.merge(frozen[UNET], trained[UNET])
     keep = ("step", "variant", "config", "model_configs", "base", "trainable")
     return {UNET: (models.unet, unet), CONTROLNET: (models.controlnet, trained[CONTROLNET]),
             "metadata": {k: meta[k] for k in keep}}

@@ -11,10 +11,11 @@ from typing import Any
 
 from flax import traverse_util
 
-from pasd_jax.convert.release import DEFAULT_TRAINABLE  # the official --trainable_modules
 
 Params = Mapping[str, Any]
 SEP = "/"
+# The official --trainable_modules (train_pasd.py)
+DEFAULT_TRAINABLE = ("pixel_attentions", "norm2_plus", "attn2_plus", "proj_in_plus")
 
 
 def path_str(path: tuple) -> str:

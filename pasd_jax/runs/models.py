@@ -3,7 +3,6 @@ base read from PyTorch folders. Shared by run setup, the train step and checkpoi
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -14,28 +13,12 @@ import numpy as np
 
 from pasd_jax.convert import abstract_params, build_module, from_pytorch
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
-from pasd_jax.models.clip_text import CLIPTextEncoder
-from pasd_jax.models.controlnet import PASDControlNet
+from pasd_jax.models.bundle import Models
 from pasd_jax.models.host_init import host_params
-from pasd_jax.models.unet import PASDUNet
-from pasd_jax.models.vae import AutoencoderKL
-from pasd_jax.train import partition
+from pasd_jax.sharding import trainable_split
 
 BASE_KINDS = (UNET, VAE, TEXT_ENCODER)
 Tree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """The four Flax modules of a run (hashable: jitted step functions close over them)."""
-    unet: PASDUNet
-    controlnet: PASDControlNet
-    vae: AutoencoderKL
-    text_encoder: CLIPTextEncoder
-
-    @property
-    def variant(self) -> str:
-        return self.unet.variant
 
 
 def build_models(configs: Mapping[str, dict], variant: str, compute_dtype: Any = jnp.float32,
@@ -57,7 +40,7 @@ def cast(tree: Tree, dtype: Any) -> Tree:
 
 
 def _check_same_keys(got: Tree, want: Tree, what: str) -> None:
-    got_k, want_k = set(partition.flatten(got)), set(partition.flatten(want))
+    got_k, want_k = set(trainable_split.flatten(got)), set(trainable_split.flatten(want))
     if got_k != want_k:
         missing, extra = sorted(want_k - got_k)[:5], sorted(got_k - want_k)[:5]
         raise ValueError(f"{what}: parameter names do not match the model (missing {missing}, unexpected {extra})")
@@ -71,8 +54,8 @@ def load_frozen(models: Models, base: Mapping[str, str], trainable: tuple[str, .
     for kind in kinds:
         params = to_numpy(from_pytorch(base[kind])[1] if unet is None or kind != UNET else unet)
         if kind == UNET:
-            params = partition.split(params, lambda p: partition.is_trainable_unet_path(p, trainable))[1]
-            want = partition.split_unet(abstract(models.unet), trainable)[1]
+            params = trainable_split.split(params, lambda p: trainable_split.is_trainable_unet_path(p, trainable))[1]
+            want = trainable_split.split_unet(abstract(models.unet), trainable)[1]
         else:
             want = abstract(getattr(models, kind))
         _check_same_keys(params, want, f"frozen {kind} from {base[kind]}")

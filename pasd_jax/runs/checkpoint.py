@@ -6,7 +6,7 @@ state, run RNG key), `data` (each host's loader state, one JSON file per process
 is not copied: `meta.base` points at its PyTorch folders. Orbax writes a step into a temporary directory and
 renames it only once every item is written, so a failed or interrupted save never replaces the last good step.
 
-Reading a run back as full PASD models (for export or fine-tuning) lives in `pasd_jax.train.export`.
+Reading a run back as full PASD models (for export or fine-tuning) lives in `pasd_jax.runs.export`.
 """
 from __future__ import annotations
 

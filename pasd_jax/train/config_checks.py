@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import pathlib
 
+from pasd_jax.errors import ConfigError
 from pasd_jax.models.blocks import PASD, PASD_LIGHT
-from pasd_jax.train.sharding import BATCH_AXES, MeshError, mesh_shape
+from pasd_jax.sharding import BATCH_AXES, MeshError, mesh_shape
 
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 BASE_PARTS = ("unet", "vae", "text_encoder")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to set instead."""
 
 
 def _need(cond: bool, message: str) -> None:
@@ -109,7 +106,7 @@ def check_validation(v) -> None:
     _need(int(v.every) >= 0, f"validation.every={v.every} must be >= 0 (0 turns validation samples off)")
     if not int(v.every):
         return
-    from pasd_jax.sampling.image_io import find_images
+    from pasd_jax.image_io import find_images
     from pasd_jax.train.validation import validation_options
 
     images = pathlib.Path(v.images) if v.images else None

@@ -1,0 +1,140 @@
+"""`pasd-sample` / `python sample.py`: super-resolve an image or a folder with PASD.
+
+    pasd-sample --ckpt runs/pasd/checkpoint-100000 --base checkpoints/stable-diffusion-v1-5 \
+        --input photos/ --output out/ --upscale 4
+
+Defaults follow the official `test_pasd.py` (UniPC, 20 steps, CFG 9, conditioning 1.0, ANS level 900, process size
+768, wavelet colour fix) except where README.md "Differences from the official code" says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from pasd_jax.prompts import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, HIGH_LEVEL_INFO
+    from pasd_jax.sampling.runner import COLOR_FIXES
+
+    p = argparse.ArgumentParser(prog="pasd-sample", description="PASD super-resolution (pasd-jax): an image or a "
+                                "folder of images, with an official PASD checkpoint or one of our runs",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("weights")
+    g.add_argument("--ckpt", required=True, help="PASD checkpoint: official folder (unet/ + controlnet/), "
+                   "a `python -m pasd_jax.convert import` folder, or a train.py work dir")
+    g.add_argument("--base", default=None, help="SD1.5 base (diffusers folder or single file) for the VAE, "
+                   "text encoder, tokenizer and scheduler; optional for train.py checkpoints")
+    g.add_argument("--personalized", default=None, help="personalized SD1.5 model whose base weights replace "
+                   "the PASD UNet's (single file, diffusers folder or UNet folder); PACA is kept")
+    g.add_argument("--blending-alpha", type=float, default=1.0)
+    g.add_argument("--lora", default=None, help="kohya LoRA file merged into the UNet and text encoder")
+    g.add_argument("--lora-multiplier", type=float, default=0.6)
+    g.add_argument("--lora-rule", default="alpha_scaled", choices=["alpha_scaled", "official"],
+                   help="official = PASD's merge, which ignores the LoRA alpha")
+    g.add_argument("--cache-dir", default=None, help="converted-weights cache (default ~/.cache/pasd_jax)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the conversion cache")
+
+    g = p.add_argument_group("input and output")
+    g.add_argument("--input", required=True, help="an image or a folder (searched recursively)")
+    g.add_argument("--output", required=True, help="output folder; results keep the relative names, as .png")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    g.add_argument("--keep-alpha", action="store_true", help="carry an input's alpha channel to the output")
+    g.add_argument("--upscale", type=int, default=1, help="integer pre-upscale; the output is input size x this")
+    g.add_argument("--process-size", type=int, default=768, help="minimum short side for processing")
+    g.add_argument("--color-fix", default="wavelet", choices=list(COLOR_FIXES))
+    g.add_argument("--batch-size", type=int, default=1, help="images of the same processed size per call")
+    g.add_argument("--no-progress", action="store_true")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--seed", type=int, default=0, help="per-image seeds derive from this and the relative path")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--scheduler", default="unipc", choices=["unipc", "ddim"])
+    g.add_argument("--guidance-scale", type=float, default=9.0)
+    g.add_argument("--conditioning-scale", type=float, default=1.0)
+    g.add_argument("--added-noise-level", type=int, default=900, help="ANS level (paper Eq. 4)")
+    g.add_argument("--ans-mode", default="paper", choices=["paper", "official"],
+                   help="paper: the level indexes the training schedule; official: diffusers 0.29.2 add_noise")
+    g.add_argument("--init-noise", action="store_true", help="start from pure noise (the official demo); no ANS")
+    g.add_argument("--offset-noise-scale", type=float, default=0.0, help="with --init-noise")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    g.add_argument("--latent-tile-size", type=int, default=320, help="latent tiling above this (latent px)")
+    g.add_argument("--latent-tile-overlap", type=int, default=8)
+    g.add_argument("--tiled-vae", default="auto", choices=["auto", "on", "off"])
+    g.add_argument("--vae-encoder-tile", type=int, default=1024, help="pixels")
+    g.add_argument("--vae-decoder-tile", type=int, default=224, help="latent pixels")
+
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--added-prompt", default=DEFAULT_ADDED_PROMPT)
+    g.add_argument("--added-prompt-separator", action="store_true",
+                   help="join the added prompt with ', ' (the official code glues it on without a separator)")
+    g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
+    g.add_argument("--high-level-info", default="none", choices=list(HIGH_LEVEL_INFO),
+                   help="prompt from a classifier, detector or captioner (the official default is caption)")
+    g.add_argument("--captions", default=None, help="JSON or CSV mapping image paths to captions")
+    g.add_argument("--classifier-weights", default=None, help="torchvision ResNet-50 weights (.safetensors)")
+    g.add_argument("--categories-file", default=None, help="ImageNet category names (JSON list)")
+    g.add_argument("--detector-weights", default=None, help="YOLO weights (needs ultralytics)")
+    g.add_argument("--captioner", default=None, help="CoCa checkpoint or BLIP folder (needs torch)")
+    g.add_argument("--caption-model", default="coca", choices=["coca", "blip"])
+    g.add_argument("--prompt-cache", default=None, help="folder caching high-level information per image")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("jax", "absl"):  # JAX backend probing, Orbax file-by-file INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pasd_jax.errors import PasdError
+    from pasd_jax.prompts import MissingDependencyError, build_prompt_fn
+    from pasd_jax.sampling.loading import load_for_sampling
+    from pasd_jax.sampling.options import SamplingOptions
+    from pasd_jax.sampling.pipeline import PASDPipeline
+    from pasd_jax.sampling.runner import RunSettings, run
+
+    try:  # everything that can be checked before loading gigabytes is checked first
+        settings = RunSettings(upscale=args.upscale, process_size=args.process_size, color_fix=args.color_fix,
+                               keep_alpha=args.keep_alpha, overwrite=args.overwrite, seed=args.seed,
+                               batch_size=args.batch_size, negative_prompt=args.negative_prompt)
+        options = SamplingOptions(
+            steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale,
+            conditioning_scale=args.conditioning_scale, added_noise_level=args.added_noise_level,
+            ans_mode=args.ans_mode, init_noise=args.init_noise, offset_noise_scale=args.offset_noise_scale,
+            latent_tile_size=args.latent_tile_size, latent_tile_overlap=args.latent_tile_overlap,
+            tiled_vae=args.tiled_vae, vae_encoder_tile=args.vae_encoder_tile, vae_decoder_tile=args.vae_decoder_tile,
+            dtype=args.dtype)
+        prompt_fn = build_prompt_fn(
+            args.high_level_info, prompt=args.prompt, added_prompt=args.added_prompt, captions_file=args.captions,
+            classifier_weights=args.classifier_weights, categories_file=args.categories_file,
+            detector_weights=args.detector_weights, captioner=args.captioner, caption_model=args.caption_model,
+            cache_dir=args.prompt_cache, separator=args.added_prompt_separator)
+        cache = False if args.no_cache else args.cache_dir
+        loaded = load_for_sampling(args.ckpt, base=args.base, personalized=args.personalized,
+                                   blending_alpha=args.blending_alpha, lora=args.lora,
+                                   lora_multiplier=args.lora_multiplier, lora_rule=args.lora_rule, cache=cache)
+    except (PasdError, ValueError, FileNotFoundError, MissingDependencyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in loaded.notes:
+        logging.info(note)
+    logging.info("PASD variant %s; sampling %s with %s, %d steps, %s", loaded.variant, args.input, args.scheduler,
+                 args.steps, args.dtype)
+    pipe = PASDPipeline(loaded.models, loaded.params, loaded.scheduler_config, loaded.tokenizer_dir)
+    try:
+        summary = run(pipe, options, args.input, args.output, settings, prompt_fn, progress=not args.no_progress)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.report(), file=sys.stderr)
+    return summary.exit_code
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
