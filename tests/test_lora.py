@@ -94,7 +94,8 @@ def test_missing_component_is_skipped_and_reported(base, lora):
     assert len(merged.changed) == 13
 
 
-def test_missing_alpha_means_alpha_equals_rank(base, lora):
+def test_single_module_without_alpha_scales_by_one(base, lora):
+    """No alphas: diffusers' lora_alpha is the first module's rank, here the only module's (kohya: alpha = rank)."""
     unet, _ = base
     name = "lora_unet_" + TO_Q.replace(".", "_")
     one = {k: v for k, v in lora.items() if k.startswith(name + ".lora_")}
@@ -158,6 +159,10 @@ def _sd1_shaped(name, down_shape, up_shape):
                 r".weight` is \[16, 16\]"),
     ("incomplete LoHa", {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": np.zeros((16, 4), np.float16)},
      LoraError, r"conv1: an incomplete loha module \(has \['w1_a'\]\)"),
+    ("LoHa factors that do not chain",
+     {f"lora_unet_down_blocks_0_resnets_0_conv1.hada_{k}": np.zeros(s, np.float16)
+      for k, s in (("w1_a", (16, 4)), ("w1_b", (3, 144)), ("w2_a", (16, 4)), ("w2_b", (4, 144)))},
+     LoraError, r"conv1: .* do not form a loha module \(factor shapes do not chain\)"),
     ("kohya DoRA", {**_sd1_shaped("lora_unet_down_blocks_0_attentions_0_proj_in", (4, 16, 1, 1), (16, 4, 1, 1)),
                     "lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": np.ones((16, 1, 1, 1), np.float16)},
      LoraError, r"proj_in.dora_scale \(DoRA"),

@@ -117,19 +117,32 @@ def _check_parts(name: str, kind: str, parts: Mapping[str, np.ndarray], bad: lis
             kind == LOKR and "w2" not in parts and not ("w2_a" in parts and "w2_b" in parts)):
         bad.append(f"{name}: an incomplete {kind} module (has {sorted(parts)})")
         return False
-    if kind == LORA:
-        down, up = parts["down"], parts["up"]
-        conv_up = up.ndim == 4 and up.shape[2:] == (1, 1)
-        ok = ((down.ndim == 2 and up.ndim == 2) or (down.ndim == 4 and conv_up)) and up.shape[1] == down.shape[0]
-        if ok and "mid" in parts:
-            mid = parts["mid"]
-            ok = down.ndim == 4 and down.shape[2:] == (1, 1) and mid.ndim == 4 and mid.shape[:2] == (
-                up.shape[1], down.shape[0])
-        if not ok:
-            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(parts.items()))
-            bad.append(f"{name}: {shapes} do not form a rank-r Linear or Conv2d LoRA")
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(parts.items()))
+    if kind != LORA:
+        if not all(_factors_ok(parts, i) for i in ("1", "2") if f"w{i}_a" in parts):
+            bad.append(f"{name}: {shapes} do not form a {kind} module (factor shapes do not chain)")
             return False
-    return True
+        return True
+    down, up = parts["down"], parts["up"]
+    conv_up = up.ndim == 4 and up.shape[2:] == (1, 1)
+    ok = ((down.ndim == 2 and up.ndim == 2) or (down.ndim == 4 and conv_up)) and up.shape[1] == down.shape[0]
+    if ok and "mid" in parts:  # Tucker core (r_up, r_down, kh, kw) between a 1x1 down and a 1x1 up
+        mid = parts["mid"]
+        ok = down.shape[2:] == (1, 1) and mid.ndim == 4 and mid.shape[:2] == (up.shape[1], down.shape[0])
+    if not ok:
+        bad.append(f"{name}: {shapes} do not form a rank-r Linear or Conv2d LoRA")
+    return ok
+
+
+def _factors_ok(parts: Mapping[str, np.ndarray], i: str) -> bool:
+    """LyCORIS factor pair `w{i}_a`, `w{i}_b` (and Tucker core `t{i}`): plain a (out, r) @ b (r, ...), or with a
+    core t (r, r, kh, kw) and mode factors a (r, out), b (r, in)."""
+    a, b, t = parts[f"w{i}_a"], parts.get(f"w{i}_b"), parts.get(f"t{i}")
+    if b is None or a.ndim != 2 or b.ndim < 2:
+        return False
+    if t is not None:
+        return t.ndim == 4 and b.ndim == 2 and t.shape[:2] == (a.shape[0], b.shape[0])
+    return a.shape[1] == b.shape[0]
 
 
 def _unsupported(key: str) -> str | None:
