@@ -78,6 +78,20 @@ def test_one_program_per_size_and_steps(pipe):
     assert pipe.trace_counts["text_encoder"] == 1            # one encoder program, whatever the prompts
 
 
+def test_step_progress_callback_leaves_the_result_unchanged(pipe):
+    """The in-scan host callback reports every step while the one compiled program runs, and changes nothing."""
+    keys = jax.random.split(jax.random.key(3), 2)
+    opts = SamplingOptions(steps=4)
+    plain = pipe.sample(_img(7, b=2), ["a", "b"], [NEG], keys, opts)
+    seen = []
+    with_bar = pipe.sample(_img(7, b=2), ["a", "b"], [NEG], keys, opts, on_step=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    np.testing.assert_array_equal(with_bar, plain)
+    again = []
+    pipe.sample(_img(8, b=2), ["a", "b"], [NEG], keys, opts, on_step=lambda i, n: again.append(i))
+    assert again == [1, 2, 3, 4]  # the program with the callback is cached and reports to the new listener
+
+
 def test_prompt_encodings_are_cached(pipe):
     pipe.encode_prompts(["p1", "p2", "p1"], ["n", "n", "n"])
     n = len(pipe.text)

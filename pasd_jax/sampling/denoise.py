@@ -92,9 +92,12 @@ def scheduler_step(sched: Any, carry: Any, i: jax.Array, eps: jax.Array, varianc
 
 def denoise(eps_fn: EpsFn, params: Any, sched: Any, z: jax.Array, context: jax.Array, cond: jax.Array,
             scalars: Scalars, variance: jax.Array | None = None, return_intermediates: bool = False,
-            constrain: Callable[[jax.Array], jax.Array] = lambda x: x) -> tuple[jax.Array, jax.Array | None]:
+            constrain: Callable[[jax.Array], jax.Array] = lambda x: x,
+            on_step: Callable[[jax.Array, jax.Array], None] | None = None) -> tuple[jax.Array, jax.Array | None]:
     """The whole denoising loop as one `lax.scan` over step indices. Returns the final latent and, on request,
-    the latent after every step [N, B, 4, h, w]. `variance` [N, B, 4, h, w] is DDIM's per-step noise (eta > 0)."""
+    the latent after every step [N, B, 4, h, w]. `variance` [N, B, 4, h, w] is the scheduler's per-step noise
+    (DDIM with eta > 0). `on_step(i, z)` is traced into the loop body after each step (a host callback; z,
+    the new latent, makes it wait for the step to finish)."""
     timesteps = jnp.asarray(np.asarray(sched.timesteps), jnp.int32)
 
     def body(carry, xs):
@@ -102,6 +105,8 @@ def denoise(eps_fn: EpsFn, params: Any, sched: Any, z: jax.Array, context: jax.A
         eps = eps_fn(params, carry.sample, timesteps[i], context, cond, scalars.guidance, scalars.cond_scale)
         sample, carry = scheduler_step(sched, carry, i, eps, var)
         carry = carry._replace(sample=constrain(carry.sample))
+        if on_step is not None:
+            on_step(i, carry.sample)
         return carry, (sample if return_intermediates else None)
 
     steps = jnp.arange(sched.num_inference_steps)

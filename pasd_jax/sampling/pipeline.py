@@ -52,6 +52,7 @@ from pasd_jax.schedulers.schedule import load_config
 from pasd_jax.tokenizer import load_tokenizer, tokenize
 
 EpsFactory = Callable[[Models], core.EpsFn]
+StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
 def guided_eps(modules: Models) -> core.EpsFn:
@@ -95,6 +96,7 @@ class PASDPipeline:
         self._placed: dict[str, Placed] = {}
         self._cast_fns: dict[str, Callable] = {}
         self._schedulers: dict[tuple, Any] = {}
+        self._on_step: StepCallback | None = None
         self.text = TextEncoderCache(self.tokenizer, lambda dt: self.place(dt).modules.text_encoder,
                                      lambda dt: self.place(dt).params["text_encoder"], self.traced)
 
@@ -191,16 +193,21 @@ class PASDPipeline:
 
     def sample(self, images_u8: np.ndarray, prompts: Sequence[str], negative_prompts: Sequence[str],
                keys: jax.Array | None, options: SamplingOptions, *, draws: Mapping[str, Any] | None = None,
-               pad_to: int | None = None) -> np.ndarray:
+               pad_to: int | None = None, on_step: StepCallback | None = None) -> np.ndarray:
         """[B, H, W, 3] uint8 pipeline output (before colour fix). `pad_to` pads the batch (with copies of the
         last image) to that size so a short final batch reuses the full batch's program."""
-        return self.run(images_u8, prompts, negative_prompts, keys, options, draws=draws, pad_to=pad_to).images
+        return self.run(images_u8, prompts, negative_prompts, keys, options, draws=draws, pad_to=pad_to,
+                        on_step=on_step).images
 
     def run(self, images_u8: np.ndarray, prompts: Sequence[str], negative_prompts: Sequence[str],
             keys: jax.Array | None, options: SamplingOptions, *, draws: Mapping[str, Any] | None = None,
-            pad_to: int | None = None, debug: bool = False) -> SampleResult:
+            pad_to: int | None = None, debug: bool = False, on_step: StepCallback | None = None) -> SampleResult:
         """`sample` with more detail: whether the image was tiled, how many devices shared the batch, and with
-        `debug=True` also z_N, the latent after every step and the float decoder output (same compiled program)."""
+        `debug=True` also z_N, the latent after every step and the float decoder output (same compiled program).
+
+        `on_step(done, total)` is called on the host after every denoising step while the program runs (a host
+        callback from inside the one `lax.scan`; the program with it is a separate cache entry and gives the
+        same numbers)."""
         if not isinstance(options, SamplingOptions):
             raise TypeError(f"options must be SamplingOptions, got {type(options).__name__}")
         images = np.asarray(images_u8)
@@ -256,9 +263,15 @@ class PASDPipeline:
         vt = vae_tiling.resolve_vae_tiling(options.tiled_vae, hh, ww, options.vae_encoder_tile,
                                            options.vae_decoder_tile, f)
         if tiled:
-            out = tiled_path.run_tiled(self, options, sched, vt, images_d, context_d, drawn, scalars, debug)
+            out = tiled_path.run_tiled(self, options, sched, vt, images_d, context_d, drawn, scalars, debug,
+                                       on_step=on_step)
         else:
-            out = self._run_untiled(options, sched, vt, images_d, context_d, drawn, scalars)
+            self._on_step = on_step
+            try:
+                out = self._run_untiled(options, sched, vt, images_d, context_d, drawn, scalars, on_step is not None)
+                jax.block_until_ready(out["images"])  # every step's callback has run before we return
+            finally:
+                self._on_step = None
         split = out.get("split", out["images"]).sharding
         devices = 1 if split.is_fully_replicated else len(split.device_set)
         crop = lambda x, axis=0: np.asarray(x).take(range(b), axis=axis)  # noqa: E731
@@ -272,9 +285,17 @@ class PASDPipeline:
         return (options.scheduler, options.steps, float(options.eta), options.dtype, options.init_noise,
                 vt.encoder_tile, vt.decoder_tile)
 
-    def _run_untiled(self, options, sched, vt, images, context, drawn, scalars) -> dict:
+    def _step_done(self, i: Any, _z: Any, total: int) -> None:
+        """Host side of the in-scan progress callback: forwards to the `on_step` of the running call."""
+        if self._on_step is not None:
+            self._on_step(int(i) + 1, total)
+
+    def _run_untiled(self, options, sched, vt, images, context, drawn, scalars, progress: bool = False) -> dict:
         placed = self.place(options.dtype)
-        key = ("untiled", images.shape, context.shape, self._static_key(options, vt))
+        key = ("untiled", images.shape, context.shape, self._static_key(options, vt), progress)
+        total = int(sched.num_inference_steps)
+        report = ((lambda i, z: jax.debug.callback(self._step_done, i, z.reshape(-1)[0], total))  # noqa: E731
+                  if progress else None)
         variance_steps = drawn["variance"].shape[1] if "variance" in drawn else 0
 
         def build():
@@ -291,7 +312,7 @@ class PASDPipeline:
                                           encoder_tile=vt.encoder_tile, init_noise_sigma=sched.init_noise_sigma)
                 z0 = sharding.constrain_batch(z0, mesh)
                 variance = jnp.swapaxes(drawn["variance"], 0, 1) if variance_steps else None
-                z, inter = core.denoise(eps_fn, params, sched, z0, context, cond, scalars, variance,
+                z, inter = core.denoise(eps_fn, params, sched, z0, context, cond, scalars, variance, on_step=report,
                                         return_intermediates=True,
                                         constrain=lambda x: sharding.constrain_batch(x, mesh))
                 u8, decoded = core.decode_images(vae, params["vae"], z, vt.decoder_tile)

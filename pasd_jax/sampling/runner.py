@@ -23,7 +23,8 @@ from tqdm import tqdm
 from pasd_jax import image_ops
 from pasd_jax.image_io import ImageReadError, find_images, output_name, read_image, write_image
 
-COLOR_FIXES = ("wavelet", "adain", "none")
+from pasd_jax.sampling import tasks
+from pasd_jax.sampling.tasks import COLOR_FIXES
 
 
 class Sampler(Protocol):
@@ -44,8 +45,10 @@ class RunSettings:
     seed: int = 0
     batch_size: int = 1
     negative_prompt: str = ""
+    task: str = tasks.SR
 
     def __post_init__(self):
+        object.__setattr__(self, "task", tasks.resolve(self.task))
         if self.upscale < 1:
             raise ValueError(f"--upscale must be a positive integer, got {self.upscale}")
         if self.process_size < 8:
@@ -108,15 +111,6 @@ def _plan(inputs: pathlib.Path, output: pathlib.Path, settings: RunSettings, sum
     return items
 
 
-def _postprocess(out: np.ndarray, lq: np.ndarray, size: tuple[int, int], settings: RunSettings) -> np.ndarray:
-    if settings.color_fix == "wavelet":
-        out = np.asarray(image_ops.wavelet_color_fix(out, lq))
-    elif settings.color_fix == "adain":
-        out = np.asarray(image_ops.adain_color_fix(out, lq))
-    w, h = size
-    return image_ops.pil_resize(out, (w * settings.upscale, h * settings.upscale), Image.BICUBIC)
-
-
 def _resize_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(alpha, "L").resize(size, Image.BICUBIC))
 
@@ -130,7 +124,8 @@ def run(sampler: Sampler, options, inputs: str | pathlib.Path, output: str | pat
     groups: dict[tuple[int, int], list[_Item]] = {}
     for item in items:
         try:
-            w, h = image_ops.processed_size(*item.size, settings.upscale, settings.process_size)
+            w, h = image_ops.processed_size(*item.size, settings.upscale, settings.process_size,
+                                            tasks.control_type(settings.task))
         except ValueError as e:
             summary.failed.append((item.rel, f"{item.path}: {e}"))
             continue
@@ -151,15 +146,15 @@ def _run_batch(sampler, options, batch: list[_Item], settings: RunSettings, prom
     for item in batch:
         try:
             loaded = read_image(item.path)
-            lq = image_ops.preprocess_official(loaded.rgb, settings.upscale, settings.process_size)
+            prepared = tasks.prepare(settings.task, loaded.rgb, settings.upscale, settings.process_size)
             prompt = prompt_fn(Image.fromarray(loaded.rgb, "RGB"), item.rel)
-            ready.append((item, loaded, lq, prompt))
+            ready.append((item, loaded, prepared, prompt))
         except (ImageReadError, ValueError, OSError) as e:
             summary.failed.append((item.rel, str(e)))
     if not ready:
         return
     try:
-        images = np.stack([lq for _, _, lq, _ in ready])
+        images = np.stack([prepared.lq for _, _, prepared, _ in ready])
         keys = jax.numpy.stack([image_key(settings.seed, item.rel) for item, _, _, _ in ready])
         # A short batch is padded to the batch size: reusing the compiled program beats compiling a new one.
         outs = sampler.sample(images, [p for *_, p in ready], [settings.negative_prompt] * len(ready), keys,
@@ -170,9 +165,9 @@ def _run_batch(sampler, options, batch: list[_Item], settings: RunSettings, prom
             traceback.print_exc(file=sys.stderr)
         summary.failed.extend((item.rel, msg) for item, *_ in ready)
         return
-    for (item, loaded, lq, _), out in zip(ready, outs):
+    for (item, loaded, prepared, _), out in zip(ready, outs):
         try:
-            final = _postprocess(np.asarray(out), lq, item.size, settings)
+            final = tasks.finish(settings.task, np.asarray(out), prepared, settings.color_fix)
             alpha = None
             if settings.keep_alpha and loaded.alpha is not None:
                 alpha = _resize_alpha(loaded.alpha, (final.shape[1], final.shape[0]))
