@@ -122,3 +122,34 @@ def test_keyed_draws_and_pure_noise(pipe_dir):
     np.testing.assert_allclose(np.asarray(z - noise)[:, :, 3, 5], [[0.1, 0.2, 0.3, 0.4]] * 2, rtol=1e-5)
     zk = pure_noise_latents_from_key(key, (2, 4, 8, 8), offset_noise_scale=0.5)
     assert zk.shape == (2, 4, 8, 8) and float(jnp.std(zk)) > 0.5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+def test_zero_snr_ans_is_float32_in_half_precision(golden_dir, dtype):
+    """The colorization golden (zero terminal SNR, UniPC sigma 4096 at t=999): with fp16/bf16 latents the ANS is
+    the float32 computation rounded once, and finite. The official fp16 add_noise squares sigma = 4096 to inf
+    and returns 0 * z + 0 * noise (recorded with diffusers 0.29.2 in tests/data/scheduler_refs.json)."""
+    import json
+    import pathlib
+    gray = golden_dir / "tiny_pipeline_gray"
+    g = load_file(str(gray / "golden.safetensors"))
+    s = scheduler_from_config(gray / "scheduler", "unipc", 4)
+    c = ans_coefficients(s, 900, "official")
+    # torch's float32 sqrt rounds sqrt(2^24 - 1) up to 4096 (README: alpha = 2^-12); correctly rounded it is one ulp
+    # below 4096, so our alpha is one ulp (1.2e-7 relative) above 2^-12.
+    np.testing.assert_allclose(c.first, (2.0 ** -12, 1.0), rtol=1.2e-7)
+    refs = json.loads((pathlib.Path(__file__).parent / "data" / "scheduler_refs.json").read_text())
+    print("official fp16 add_noise at t=999 (signal, noise):", refs["fp16_official_unipc_add_noise_999"])
+    z_lr, n1, n2 = (jnp.asarray(g[k], dtype) for k in ("add_noise.0.original", "random_draw.1", "random_draw.2"))
+    z = ans_latents(z_lr, n1, n2, c)
+    z32 = ans_latents(z_lr.astype(jnp.float32), n1.astype(jnp.float32), n2.astype(jnp.float32), c)
+    assert z.dtype == dtype and np.isfinite(np.asarray(z, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(z, np.float32), np.asarray(z32.astype(dtype), np.float32))
+    first = add_noise(z_lr, n1, *c.first)
+    np.testing.assert_array_equal(np.asarray(first, np.float32),
+                                  np.asarray(add_noise(z_lr.astype(jnp.float32), n1.astype(jnp.float32),
+                                                       *c.first).astype(dtype), np.float32))
+    err = float(np.abs(np.asarray(z, np.float32) - g["add_noise.1.out"]).max())
+    print(jnp.dtype(dtype).name, "z_N vs the float32 golden, max abs err", err)
+    # Only the inputs' and the output's rounding to the dtype: |z| <= 2.4, bf16 ulp 2^-7 * 2, fp16 2^-10 * 2.
+    assert err <= (2.0 * 2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 * 2.0 ** -10)
