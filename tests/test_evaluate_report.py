@@ -81,6 +81,7 @@ def test_report_lists_every_skipped_pair(folders, capsys):
     assert report["images"]["a.png"] == expected and report["mean"] == expected
     assert report["counts"] == {m: 1 for m in expected}
     assert report["settings"]["crop_border"] == 4 and report["settings"]["directions"]["niqe"] == "lower"
+    assert report["not_images"] == {str(root / "pred"): 1}  # notes.txt, counted
     rows = list(csv.reader((out / "per_image.csv").open()))
     assert rows[0] == ["method", "image", "psnr", "ssim", "psnr_y", "ssim_y", "niqe"]
     assert rows[1][:2] == ["pred", "a.png"] and float(rows[1][2]) == expected["psnr"] and len(rows) == 2
@@ -208,3 +209,37 @@ def test_without_pyiqa_learned_metrics_say_how_to_install(tmp_path, monkeypatch)
     from pasd_jax.evaluate.registry import METRICS
     with pytest.raises(Exception, match=r"lpips needs pyiqa and torch: pip install 'pasd-jax\[eval\]'"):
         pyiqa_factory()(METRICS["lpips"])
+
+
+def test_failure_messages_for_hub_models_and_missing_packages():
+    from pasd_jax.evaluate.learned import explain_failure
+    from pasd_jax.evaluate.registry import METRICS
+    hub = explain_failure(METRICS["qalign"], OSError("We couldn't connect to 'https://huggingface.co'"), [])
+    assert "huggingface-cli download q-future/one-align" in str(hub) and "models--q-future--one-align" in str(hub)
+    pkg = explain_failure(METRICS["clipiqa"], ModuleNotFoundError("No module named 'clip'"), [])
+    assert str(pkg).startswith("clipiqa:") and "pasd-jax[eval]" in str(pkg)
+
+
+def test_names_shared_by_two_files_are_reported(tmp_path):
+    img = _image(200, 128, 5)
+    for path in ["gt/a.png", "gt/a.jpg", "gt/b.png", "pred/a.png", "pred/b.png", "pred/b.webp"]:
+        _save(tmp_path / path, img)
+    out = tmp_path / "report"
+    assert _run(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--out", str(out)]) == 1
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["images"] == {}
+    reasons = sorted(s["reason"] for s in report["skipped"])
+    assert len(reasons) == 3  # pred a (two GTs), pred b (two predictions) and GT b (no usable prediction)
+    assert any("several ground truths share the name a (a.jpg, a.png)" in r for r in reasons)
+    assert any("several predictions share the name b (b.png, b.webp)" in r for r in reasons)
+
+
+def test_pairing_by_path_then_stem_then_resolution_tag(tmp_path):
+    from pasd_jax.evaluate.pairing import match, scan
+    for path in ["gt/s/Canon_001_HR.png", "gt/s/0801.png", "gt/x.png", "gt/y.png",
+                 "pred/Canon_001_LR4.png", "pred/s/0801.jpg", "pred/sub/x.png", "pred/q.png", "pred/.hidden/y.png"]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"")
+    pairs, orphans = match(scan(tmp_path / "pred"), scan(tmp_path / "gt"))
+    assert pairs == {"s/0801": "s/0801", "x": "sub/x", "s/Canon_001_HR": "Canon_001_LR4"}
+    assert orphans == ["q"]  # and the hidden folder is not looked at

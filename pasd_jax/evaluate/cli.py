@@ -22,6 +22,7 @@ Exit status: 0 complete; 1 report written but incomplete (skipped pairs, failed 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import pathlib
 import sys
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None, *, factory: Factory | None = None,
         def write(tmp: pathlib.Path) -> None:
             rows = CsvRows(tmp / CSV_NAME, metrics)
             try:
-                opts = Options(**{**options.__dict__, "grid_dir": tmp / "grid" if args.grid else None})
+                opts = dataclasses.replace(options, grid_dir=tmp / "grid" if args.grid else None)
                 ev = evaluate(methods, args.gt, args.lq, opts, factory=factory, download_hooks=download_hooks,
                               on_image=rows)
             finally:

@@ -95,6 +95,9 @@ def explain_failure(spec: MetricSpec, error: BaseException, attempts: Sequence[A
             f"{spec.name}: its weights are not on this machine and the download failed ({_short(a.error)}); "
             f"looked for {a.path}; on a machine with internet download {a.url} and place the file at that path, "
             f"then rerun (the other metrics are computed regardless)")
+    if isinstance(error, ImportError):
+        return LearnedMetricError(f"{spec.name}: pyiqa needs a package that is not installed ({_short(error)}); "
+                                  "pip install 'pasd-jax[eval]'")
     repo = HF_REPOS.get(spec.name)
     if repo and (isinstance(error, OSError) or "huggingface" in str(error).lower()):
         return MissingWeightsError(

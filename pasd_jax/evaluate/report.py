@@ -2,8 +2,9 @@
 
 metrics.json, one method: {"mean": {metric: value}, "images": {prediction path: {metric: value}}, "skipped":
 [{method, pred, gt, reason}], "metric_errors": [...], "counts": {metric: images scored}, "failed_metrics":
-{metric: why}, "settings": {...}}. Several methods: {"methods": {name: <the per-method keys>}, "failed_metrics",
-"settings"}. A value is null where the metric failed on that image (the reason is in metric_errors).
+{metric: why}, "not_images": {folder: files ignored for their suffix}, "settings": {...}}. Several methods:
+{"methods": {name: <the per-method keys>}, "failed_metrics", "not_images", "settings"}. A value is null where the
+metric failed on that image (the reason is in metric_errors); PSNR of identical images is Infinity.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _method_json(r: MethodResult, metrics: Sequence[str]) -> dict[str, Any]:
 
 def metrics_json(ev: Evaluation, settings: dict[str, Any]) -> dict[str, Any]:
     methods = {r.name: _method_json(r, ev.metrics) for r in ev.methods}
-    shared = {"failed_metrics": ev.failed_metrics, "settings": settings}
+    shared = {"failed_metrics": ev.failed_metrics, "not_images": ev.not_images, "settings": settings}
     if len(methods) == 1:
         return {**next(iter(methods.values())), **shared}
     return {"methods": methods, **shared}

@@ -171,11 +171,17 @@ def evaluate(methods: Mapping[str, str | os.PathLike], gt_dir: str | os.PathLike
         pairs, orphans = match(folder, gt)
         pairings[result.name] = pairs
         for key in orphans:
-            why = (f"several ground truths share the name {key}: "
-                   + ", ".join(gt.rel(p) for p in gt.ambiguous[key]) if key in gt.ambiguous else "no ground truth")
-            skip(result, folder.rel(folder.files[key]), None,
-                 f"{result.name}: {folder.rel(folder.files[key])} has {why} in {gt.root}; "
-                 "name it like its GT (same relative path or stem)")
+            rel = folder.rel(folder.files[key])
+            if key in gt.ambiguous:
+                skip(result, rel, None, f"{result.name}: {rel}: several ground truths share the name {key} ("
+                     + ", ".join(gt.rel(p) for p in gt.ambiguous[key]) + "); keep one")
+            else:
+                skip(result, rel, None, f"{result.name}: {rel} has no ground truth in {gt.root}; name it like its "
+                     "GT (same relative path or stem)")
+        for key, paths in gt.ambiguous.items():
+            if key not in folder.files:
+                skip(result, None, gt.rel(paths[0]), f"{result.name}: several ground truths share the name {key} ("
+                     + ", ".join(gt.rel(p) for p in paths) + "); keep one")
         for key, paths in folder.ambiguous.items():
             skip(result, folder.rel(paths[0]), None, f"{result.name}: several predictions share the name {key} ("
                  + ", ".join(folder.rel(p) for p in paths) + "); keep one")
