@@ -1,6 +1,7 @@
 """sample.py end to end on the tiny official-layout checkpoint: a folder with a bad file still yields its images."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -47,6 +48,22 @@ def test_cli_end_to_end_with_a_bad_file(golden_dir, shared_dir, tmp_path, capsys
     assert diff.max() == 0  # the same program on the same inputs: bit-identical
 
 
+@pytest.fixture
+def one_image(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / "a.png")
+    return src
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any attempt to read weights fails the test: these runs must end before."""
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded")
+    monkeypatch.setattr("pasd_jax.sampling.loading.load_for_sampling", refuse)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ckpt", "{tmp}/missing"], "does not exist"),
     (["--ckpt", "{golden}/tiny_pipeline"], "is not a PASD checkpoint"),
@@ -55,8 +72,56 @@ def test_cli_end_to_end_with_a_bad_file(golden_dir, shared_dir, tmp_path, capsys
     (["--ckpt", "{golden}/tiny_pasd", "--upscale", "0"], "--upscale"),
     (["--ckpt", "{golden}/tiny_pasd", "--steps", "0"], "steps"),
 ])
-def test_cli_errors_before_loading(golden_dir, tmp_path, capsys, args, message):
+def test_cli_errors_before_loading(golden_dir, tmp_path, one_image, capsys, args, message):
     fmt = [a.format(tmp=tmp_path, golden=golden_dir) for a in args]
-    code = sample.main(fmt + ["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--no-cache"])
+    code = sample.main(fmt + ["--input", str(one_image), "--output", str(tmp_path / "o"), "--no-cache",
+                              "--no-compile-cache"])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("output,message", [
+    ("file", "is a file, not a folder"),
+    ("file/sub", "cannot be written"),
+    ("in", "is the --input folder"),
+])
+def test_bad_output_found_before_loading(tmp_path, one_image, no_loading, capsys, output, message):
+    (tmp_path / "file").write_text("x")
+    code = sample.main(["--ckpt", "x", "--input", str(one_image), "--output", str(tmp_path / output),
+                        "--no-compile-cache", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
+def test_finished_folder_ends_before_loading(tmp_path, one_image, no_loading, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"done before")
+    code = sample.main(["--ckpt", "not/loaded", "--input", str(one_image), "--output", str(out),
+                        "--no-compile-cache", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "0 written, 1 skipped (output exists" in err and "no weights were loaded" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["written"] == 0 and summary["skipped_existing"] == 1 and summary["status"] == "finished"
+    assert (out / "a.png").read_bytes() == b"done before"
+
+
+@pytest.mark.parametrize("extra,want", [
+    ([], (20, "unipc")),
+    (["--lcm-lora", "x"], (4, "lcm")),
+    (["--lcm-lora", "x", "--steps", "6"], (6, "lcm")),
+    (["--scheduler", "ddim", "--steps", "10"], (10, "ddim")),
+])
+def test_lcm_lora_switches_to_few_step_lcm(extra, want):
+    args = sample.parse_args(["--ckpt", "c", "--input", "i", "--output", "o"] + extra)
+    assert sample.resolve_steps(args) == want
+
+
+def test_repeated_lora_flags_parse_with_weights():
+    from pasd_jax.convert.lora import parse_lora_arg
+
+    args = sample.parse_args(["--ckpt", "c", "--input", "i", "--output", "o", "--lora", "a.safetensors:0.3",
+                              "--lora", "b.safetensors"])
+    specs = [parse_lora_arg(a, default_multiplier=args.lora_multiplier) for a in args.lora]
+    assert [(str(s.path), s.multiplier) for s in specs] == [("a.safetensors", 0.3), ("b.safetensors", 0.6)]

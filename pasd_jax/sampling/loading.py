@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 from pasd_jax.convert.base import load_sd_base
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
 from pasd_jax.convert.io import PathLike, WeightFileError
-from pasd_jax.convert.personalize import apply_lora, swap_base
+from pasd_jax.convert.lora import LoraSpec, lcm_lora_spec
+from pasd_jax.convert.personalize import apply_loras, swap_base
 from pasd_jax.convert.release import is_flax_checkpoint, is_official_checkpoint, load_checkpoint
 from pasd_jax.models.bundle import Models
 
@@ -43,10 +45,24 @@ def _train_checkpoint(path: pathlib.Path) -> dict | None:
     return restore_for_export(path)
 
 
+def _lora_specs(lora: Any, multiplier: float, rule: str) -> list[LoraSpec]:
+    if lora is None:
+        return []
+    if isinstance(lora, (str, pathlib.Path)):
+        return [LoraSpec(lora, multiplier, rule)]
+    return [item if isinstance(item, LoraSpec) else LoraSpec(item, multiplier, rule) for item in lora]
+
+
 def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personalized: PathLike | None = None,
-                      blending_alpha: float = 1.0, lora: PathLike | None = None, lora_multiplier: float = 0.6,
-                      lora_rule: str = "alpha_scaled", cache: Any = None) -> Loaded:
-    """PASD UNet + ControlNet from `ckpt`, VAE / text encoder / tokenizer / scheduler from `base`."""
+                      blending_alpha: float = 1.0, lora: "PathLike | Sequence[LoraSpec | PathLike] | None" = None,
+                      lora_multiplier: float = 0.6, lora_rule: str = "alpha_scaled",
+                      lcm_lora: PathLike | None = None, cache: Any = None) -> Loaded:
+    """PASD UNet + ControlNet from `ckpt`, VAE / text encoder / tokenizer / scheduler from `base`.
+
+    `lora`: one file (merged with `lora_multiplier` and `lora_rule`) or several `LoraSpec`s / paths, merged in
+    order; `lcm_lora` is fused last with the official `--use_lcm_lora` rule (lora_scale 1, diffusers' scaling),
+    after any personalized LoRA, as the official code does.
+    """
     ckpt = pathlib.Path(ckpt)
     if not ckpt.exists():
         raise WeightFileError(f"--ckpt {ckpt} does not exist: give an official PASD checkpoint folder (with unet/ "
@@ -79,8 +95,11 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
         vae = (vae[0], result.vae)
         text_encoder = (text_encoder[0], result.text_encoder)
         notes.append(result.report.summary())
-    if lora is not None:
-        merged = apply_lora(lora, unet=unet, text_encoder=text_encoder, multiplier=lora_multiplier, rule=lora_rule)
+    specs = _lora_specs(lora, lora_multiplier, lora_rule)
+    if lcm_lora is not None:
+        specs.append(lcm_lora_spec(lcm_lora))
+    if specs:
+        merged = apply_loras(specs, unet=unet, text_encoder=text_encoder, cache=cache)
         unet = (unet[0], merged.unet)
         text_encoder = (text_encoder[0], merged.text_encoder)
         notes.append(merged.report.summary())

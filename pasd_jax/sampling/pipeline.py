@@ -224,7 +224,9 @@ class PASDPipeline:
             raise ValueError(f"need one prompt and one negative prompt per image: {b} images, {len(prompts)} "
                              f"prompts, {len(negative_prompts)} negative prompts")
         latent_shape = (self.latent_channels, hh // f, ww // f)
-        variance_steps = options.steps if (options.scheduler == "ddim" and options.eta > 0) else 0
+        sched = self.scheduler(options.scheduler, options.steps, options.eta)
+        # per-step scheduler noise (DDIM with eta > 0, LCM's re-noising between steps), one draw per step
+        variance_steps = options.steps if sched.needs_step_noise else 0
         n_dev = self.mesh.size
         tiled = tiling.needs_tiling(hh // f, ww // f, options.latent_tile_size)
         # Untiled, images are the parallel unit: pad the batch to a multiple of the device count. Tiled, tiles are
@@ -246,7 +248,6 @@ class PASDPipeline:
                 raise ValueError(f"need one PRNG key per image: {b} images, keys of shape {keys.shape}")
             drawn = self._draws_from_keys(sharding.pad_leading(keys, bp), latent_shape, options.init_noise,
                                           variance_steps, placement)
-        sched = self.scheduler(options.scheduler, options.steps, options.eta)
         context = self.encode_prompts(prompts, negative_prompts, options.dtype, options.use_cfg)
         put = lambda x: jax.device_put(sharding.pad_leading(x, bp), placement)  # noqa: E731
         images_d, context_d = put(images), put(context)
