@@ -1,7 +1,8 @@
 """The house rules, checked on the source: which floor may import which, no import circle, short files.
 
 Floors, bottom up (README "Layout" states them in words):
-0. utilities: errors, safe_write, image_io, image_ops, tokenizer, sharding: import nothing of ours above them;
+0. utilities: errors, safe_write, image_io, image_ops, tokenizer, sharding, distributed: import nothing of ours
+   above them;
 1. models: the Flax modules; 2. schedulers and convert stand on models; prompts on convert;
 3. runs (a training run on disk) stands on convert; 4. sampling stands on runs, never on train; train stands on
 everything below and on data_pipeline; 5. the products (demo, app, evaluate) on sampling. data_pipeline knows
@@ -16,10 +17,11 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 UTILITIES = {"pasd_jax.errors", "pasd_jax.safe_write", "pasd_jax.image_io", "pasd_jax.image_ops", "pasd_jax.tokenizer",
-             "pasd_jax.sharding", "pasd_jax.assets"}
+             "pasd_jax.sharding", "pasd_jax.assets", "pasd_jax.distributed"}
 ALLOWED = {  # package -> the packages of ours it may import (besides itself and the utilities)
     "pasd_jax.errors": set(), "pasd_jax.safe_write": set(), "pasd_jax.image_io": set(),
     "pasd_jax.image_ops": set(), "pasd_jax.tokenizer": set(), "pasd_jax.sharding": set(),
+    "pasd_jax.distributed": set(),
     "pasd_jax.models": set(),
     "pasd_jax.schedulers": {"pasd_jax.models"},
     "pasd_jax.convert": {"pasd_jax.models"},

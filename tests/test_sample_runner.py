@@ -173,7 +173,7 @@ def test_a_failing_batch_does_not_stop_the_run(tmp_path):
 
 def test_bad_settings_and_missing_input(tmp_path):
     with pytest.raises(ValueError, match="--batch-size"):
-        RunSettings(batch_size=0)
+        RunSettings(batch_size=-1)
     with pytest.raises(ValueError, match="--color-fix"):
         RunSettings(color_fix="hist")
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -181,3 +181,183 @@ def test_bad_settings_and_missing_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         run(EchoSampler(), None, tmp_path / "empty", tmp_path / "out", _settings(), _prompt, progress=False)
+
+
+# --- concurrent runs, output checks, overlap, process shares ---------------------------------------------------
+
+def _folder(root, n, size=(20, 12)):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        _img(root / f"img{i:02d}.png", size=size, seed=i)
+    return root
+
+
+def test_report_mentions_skips_only_when_there_are_some(tmp_path):
+    src = _folder(tmp_path / "in", 1)
+    summary = run(EchoSampler(), None, src, tmp_path / "out", _settings(), _prompt, progress=False)
+    assert summary.report().startswith("1 written, 0 failed") and "skipped" not in summary.report()
+    again = run(EchoSampler(), None, src, tmp_path / "out", _settings(), _prompt, progress=False)
+    assert again.report().startswith("0 written, 1 skipped (output exists; --overwrite to redo), 0 failed")
+
+
+def test_output_written_meanwhile_is_kept_and_reported(tmp_path):
+    """Another run writes an image after this one planned it: its file is kept, this run says so."""
+    src = _folder(tmp_path / "in", 2)
+    out = tmp_path / "out"
+
+    class Racer(EchoSampler):
+        def sample(self, images, *a, **kw):
+            (out / "img00.png").write_bytes(b"the other run's image")  # lands while this batch is on the device
+            return super().sample(images, *a, **kw)
+
+    summary = run(Racer(), None, src, out, _settings(batch_size=2), _prompt, progress=False)
+    print("\n" + summary.report())
+    assert summary.appeared == ["img00.png"] and summary.written == ["img01.png"]
+    assert "1 skipped (output appeared meanwhile" in summary.report() and "output exists" not in summary.report()
+    assert (out / "img00.png").read_bytes() == b"the other run's image"
+
+
+def test_two_runs_into_one_folder_share_the_work(tmp_path):
+    """Two runs at once into one folder: every image is written exactly once, by one of them, and equals what a
+    single run writes."""
+    import threading
+    import time
+
+    src = _folder(tmp_path / "in", 8)
+    ref = run(EchoSampler(), None, src, tmp_path / "ref", _settings(), _prompt, progress=False)
+
+    class Slow(EchoSampler):
+        def sample(self, *a, **kw):
+            time.sleep(0.03)
+            return super().sample(*a, **kw)
+
+    out, results = tmp_path / "out", [None, None]
+
+    def worker(i):
+        results[i] = run(Slow(), None, src, out, _settings(io_threads=2), _prompt, progress=False)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a, b = results
+    print(f"\nrun A: {a.report()}\nrun B: {b.report()}")
+    assert sorted(a.written + b.written) == sorted(ref.written) and not set(a.written) & set(b.written)
+    assert sorted(a.written + a.appeared + a.existing) == sorted(ref.written)
+    for rel in ref.written:
+        np.testing.assert_array_equal(np.asarray(Image.open(out / rel)), np.asarray(Image.open(tmp_path / "ref" / rel)))
+    assert sorted(p.name for p in out.iterdir()) == sorted(ref.written)  # no temporary file left behind
+
+
+WRITER = """
+import sys, numpy as np, pathlib
+from pasd_jax.image_io import write_image
+out, seed = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(seed)
+for i in range(40):
+    write_image(out / f"x{i % 3}.png", rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+"""
+
+
+def test_two_writers_never_show_a_partial_png(tmp_path):
+    """Two processes rewriting the same three names while this one reads them: every read is a whole PNG. (With
+    the former shared temporary name `.{name}.tmp` the same loop gave 108 truncated reads out of 417.)"""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(s)]) for s in (1, 2)]
+    reads = 0
+    while any(p.poll() is None for p in procs):
+        for f in out.glob("x*.png"):
+            with Image.open(f) as img:
+                img.load()  # raises on a truncated file
+            reads += 1
+    assert all(p.wait() == 0 for p in procs)
+    print(f"\n{reads} complete reads while two writers ran")
+    assert sorted(p.name for p in out.iterdir()) == ["x0.png", "x1.png", "x2.png"]
+
+
+def test_overlap_gives_the_same_files(tmp_path):
+    src = _folder(tmp_path / "in", 5)
+    _img(src / "big.png", size=(40, 40))
+    a = run(EchoSampler(), None, src, tmp_path / "a", _settings(io_threads=0, batch_size=2), _prompt, progress=False)
+    b = run(EchoSampler(), None, src, tmp_path / "b", _settings(io_threads=3, batch_size=2), _prompt, progress=False)
+    assert sorted(a.written) == sorted(b.written) and len(a.written) == 6
+    for rel in a.written:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_progress_passes_the_step_callback(tmp_path):
+    class Stepping(EchoSampler):
+        def sample(self, images, prompts, negative_prompts, keys, options, pad_to=None, on_step=None):
+            self.on_step = on_step
+            for i in range(3 if on_step else 0):
+                on_step(i + 1, 3)
+            return super().sample(images, prompts, negative_prompts, keys, options, pad_to)
+
+    with_bar, without = Stepping(), Stepping()
+    run(with_bar, None, _folder(tmp_path / "in", 1), tmp_path / "out", _settings(), _prompt, progress=True)
+    run(without, None, tmp_path / "in", tmp_path / "out2", _settings(), _prompt, progress=False)
+    assert callable(with_bar.on_step) and without.on_step is None  # no bar: no per-step host callbacks
+
+
+def test_output_checks(tmp_path):
+    from pasd_jax.errors import OutputPathError
+
+    src = _folder(tmp_path / "in", 2)
+    (tmp_path / "file").write_text("x")
+    for output, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "cannot be written"),
+                            (src, "is the --input folder")):
+        with pytest.raises(OutputPathError, match=message):
+            run(EchoSampler(), None, src, output, _settings(), _prompt, progress=False)
+    # a single PNG input whose result would land on itself
+    with pytest.raises(OutputPathError, match="written over the input"):
+        run(EchoSampler(), None, src / "img00.png", src, _settings(overwrite=True), _prompt, progress=False)
+    # input inside the output folder, with a sub-folder named like it: lr/lr/a.png -> out/lr/a.png, an input
+    out = tmp_path / "out"
+    _img((out / "lr" / "lr").mkdir(parents=True) or out / "lr" / "lr" / "a.png")
+    _img(out / "lr" / "a.png")
+    with pytest.raises(OutputPathError, match="written over the input"):
+        run(EchoSampler(), None, out / "lr", out, _settings(), _prompt, progress=False)
+
+
+def test_output_inside_input_is_not_read_as_input(tmp_path):
+    src = _folder(tmp_path / "in", 2)
+    first = run(EchoSampler(), None, src, src / "results", _settings(), _prompt, progress=False)
+    again = run(EchoSampler(), None, src, src / "results", _settings(overwrite=True), _prompt, progress=False)
+    assert sorted(first.written) == sorted(again.written) == ["img00.png", "img01.png"]
+    assert not (src / "results" / "results").exists()
+
+
+def test_process_shares_are_disjoint_and_cover_the_folder(tmp_path):
+    from pasd_jax.sampling.plan import make_plan
+
+    src = _folder(tmp_path / "in", 7)
+    _img(src / "img03.jpg")  # collides with img03.png: the same file loses, whichever process has it
+    shares = [make_plan(src, tmp_path / "out", _settings(), process=(i, 3)) for i in range(3)]
+    rels = [it.rel for p in shares for g in p.groups.values() for it in g]
+    failed = [rel for p in shares for rel, _ in p.summary.failed]
+    assert sorted(rels) == sorted(f"img{i:02d}.{'jpg' if i == 3 else 'png'}" for i in range(7))
+    assert len(set(rels)) == 7 and failed == ["img03.png"]  # the first in sorted order keeps the name
+    assert [p.pending for p in shares] == [p.pending for p in
+                                           (make_plan(src, tmp_path / "out", _settings(), process=(i, 3))
+                                            for i in range(3))]
+
+
+def test_auto_batch_is_one_image_per_device(tmp_path):
+    from types import SimpleNamespace
+
+    class TwoDevices(EchoSampler):
+        mesh = SimpleNamespace(size=2)
+        latent_factor = 8
+
+    sampler = TwoDevices()
+    options = SimpleNamespace(latent_tile_size=6)  # 48x32 -> 6x4 latent: not tiled; 80x80 -> 10x10: tiled
+    src = _folder(tmp_path / "in", 3)
+    _img(src / "big.png", size=(40, 40))
+    _img(src / "big2.png", size=(40, 40))
+    run(sampler, options, src, tmp_path / "out", _settings(batch_size=0), _prompt, progress=False)
+    assert sorted(s[0] for s, _, _ in sampler.calls) == [1, 1, 1, 2]  # 3 small: 2 + 1; the two tiled ones: 1 each

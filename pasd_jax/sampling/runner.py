@@ -1,35 +1,50 @@
 """Super-resolve a file or a folder: per-image seeds, batching by processed size, colour fix, safe writes.
 
 Seeds: each image's PRNG key is derived from `--seed` and its relative path, so a result does not depend on which
-other files are in the folder or their order. (The official `test_pasd.py` reuses one generator across a folder, so
-there an image's result depends on the files sorted before it.)
+other files are in the folder, their order, or which process of a multi-host run samples it. (The official
+`test_pasd.py` reuses one generator across a folder, so there an image's result depends on the files sorted
+before it.)
+
+Host work overlaps the device: with `io_threads > 0` the next batches are decoded and preprocessed, and finished
+images colour-fixed, resized and PNG-encoded, in a thread pool while the device samples. Results are identical
+either way.
 
 One bad image never stops a run: it is reported, the rest are written, and the summary lists every failure.
+Outputs are checked again just before sampling and when written, so two runs into one folder share the work
+instead of redoing or replacing each other's images.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import inspect
 import pathlib
 import sys
+import time
 import traceback
-from typing import Callable, Protocol, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pasd_jax import image_ops
-from pasd_jax.image_io import ImageReadError, find_images, output_name, read_image, write_image
-
-from pasd_jax.sampling import tasks
+from pasd_jax.image_io import ImageReadError, read_image
+from pasd_jax.sampling import tasks, tiling
+from pasd_jax.sampling.plan import Item, Plan, check_output, make_plan
+from pasd_jax.sampling.summary import Summary
 from pasd_jax.sampling.tasks import COLOR_FIXES
+from pasd_jax.sampling.writing import write_result
+
+__all__ = ["COLOR_FIXES", "RunSettings", "Summary", "execute", "image_key", "run"]
+PREFETCH = 2  # batches decoded ahead of the device
 
 
 class Sampler(Protocol):
     def sample(self, images_u8: np.ndarray, prompts: Sequence[str], negative_prompts: Sequence[str],
-               keys: jax.Array, options, *, pad_to: int | None = None) -> np.ndarray: ...
+               keys: jax.Array, options, *, pad_to: int | None = None, on_step=None) -> np.ndarray: ...
 
 
 PromptFn = Callable[[Image.Image, str], str]
@@ -43,9 +58,10 @@ class RunSettings:
     keep_alpha: bool = False
     overwrite: bool = False
     seed: int = 0
-    batch_size: int = 1
+    batch_size: int = 1  # 0: one image per device of the sampler (1 for sizes sampled with latent tiling)
     negative_prompt: str = ""
     task: str = tasks.SR
+    io_threads: int = 4  # host threads beside the device; 0: everything in order on the calling thread
 
     def __post_init__(self):
         object.__setattr__(self, "task", tasks.resolve(self.task))
@@ -53,27 +69,25 @@ class RunSettings:
             raise ValueError(f"--upscale must be a positive integer, got {self.upscale}")
         if self.process_size < 8:
             raise ValueError(f"--process-size must be at least 8, got {self.process_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.batch_size < 0:
+            raise ValueError(f"--batch-size must be at least 1 (or 0: one image per device), got {self.batch_size}")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"--color-fix must be one of {COLOR_FIXES}, got {self.color_fix!r}")
+        if self.io_threads < 0:
+            raise ValueError(f"--io-threads must be 0 or more, got {self.io_threads}")
 
 
-@dataclasses.dataclass
-class Summary:
-    written: list[str] = dataclasses.field(default_factory=list)
-    existing: list[str] = dataclasses.field(default_factory=list)
-    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-    def report(self) -> str:
-        lines = [f"{len(self.written)} written, {len(self.existing)} skipped (output exists; --overwrite to redo), "
-                 f"{len(self.failed)} failed"]
-        lines += [f"  FAILED {rel}: {msg}" for rel, msg in self.failed]
-        return "\n".join(lines)
+def batch_size(settings: RunSettings, sampler, options, size: tuple[int, int]) -> int:
+    """Images per sampler call for processed size (w, h): the setting, or with 0 one per device of the sampler's
+    mesh (the untiled program pads to a multiple of the device count anyway, so this costs no extra compile) and 1
+    for sizes in the latent-tiling path, whose devices already share the tiles."""
+    if settings.batch_size:
+        return settings.batch_size
+    mesh = getattr(sampler, "mesh", None)
+    tile, f = getattr(options, "latent_tile_size", None), getattr(sampler, "latent_factor", 8)
+    if mesh is None or (tile and tiling.needs_tiling(size[1] // f, size[0] // f, tile)):
+        return 1
+    return int(mesh.size)
 
 
 def image_key(seed: int, relative: str) -> jax.Array:
@@ -82,96 +96,166 @@ def image_key(seed: int, relative: str) -> jax.Array:
     return jax.random.PRNGKey(int.from_bytes(digest[:8], "little") >> 1)
 
 
-@dataclasses.dataclass
-class _Item:
-    path: pathlib.Path
-    rel: str
-    out: pathlib.Path
-    size: tuple[int, int] | None = None  # original (w, h)
-
-
-def _plan(inputs: pathlib.Path, output: pathlib.Path, settings: RunSettings, summary: Summary) -> list[_Item]:
-    items, claimed = [], {}
-    for path, rel in find_images(inputs):
-        out = output / output_name(rel)
-        if out in claimed:
-            summary.failed.append((rel, f"its output {out} is also the output of {claimed[out]}; rename one"))
-            continue
-        claimed[out] = rel
-        if out.exists() and not settings.overwrite:
-            summary.existing.append(rel)
-            continue
-        try:
-            with Image.open(path) as img:
-                size = img.size
-        except Exception as e:  # noqa: BLE001 - any header failure is reported per file
-            summary.failed.append((rel, str(ImageReadError(f"not an image file or unreadable ({e})"))))
-            continue
-        items.append(_Item(path, rel, out, size))
-    return items
-
-
-def _resize_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(alpha, "L").resize(size, Image.BICUBIC))
-
-
 def run(sampler: Sampler, options, inputs: str | pathlib.Path, output: str | pathlib.Path,
         settings: RunSettings, prompt_fn: PromptFn, *, progress: bool = True) -> Summary:
     """Super-resolve every image under `inputs` into `output` (same relative names, .png)."""
-    inputs, output = pathlib.Path(inputs), pathlib.Path(output)
-    summary = Summary()
-    items = _plan(inputs, output, settings, summary)
-    groups: dict[tuple[int, int], list[_Item]] = {}
-    for item in items:
-        try:
-            w, h = image_ops.processed_size(*item.size, settings.upscale, settings.process_size,
-                                            tasks.control_type(settings.task))
-        except ValueError as e:
-            summary.failed.append((item.rel, f"{item.path}: {e}"))
-            continue
-        groups.setdefault((w, h), []).append(item)
-
-    bar = tqdm(total=sum(len(g) for g in groups.values()), disable=not progress, unit="img", file=sys.stderr)
-    for group in groups.values():
-        for start in range(0, len(group), settings.batch_size):
-            _run_batch(sampler, options, group[start:start + settings.batch_size], settings, prompt_fn, summary)
-            bar.update(len(group[start:start + settings.batch_size]))
-    bar.close()
-    return summary
+    check_output(output, inputs)
+    plan = make_plan(inputs, output, settings)
+    return execute(sampler, options, plan, settings, prompt_fn, progress=progress)
 
 
-def _run_batch(sampler, options, batch: list[_Item], settings: RunSettings, prompt_fn: PromptFn,
-               summary: Summary) -> None:
-    ready = []
+# --- one batch's host work (runs in the pool) -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Ready:
+    item: Item
+    loaded: Any = None    # image_io.LoadedImage
+    prepared: Any = None  # tasks.Prepared
+    error: str | None = None
+
+
+def _load(batch: list[Item], settings: RunSettings) -> list[_Ready]:
+    out = []
     for item in batch:
         try:
             loaded = read_image(item.path)
-            prepared = tasks.prepare(settings.task, loaded.rgb, settings.upscale, settings.process_size)
-            prompt = prompt_fn(Image.fromarray(loaded.rgb, "RGB"), item.rel)
-            ready.append((item, loaded, prepared, prompt))
+            out.append(_Ready(item, loaded, tasks.prepare(settings.task, loaded.rgb, settings.upscale,
+                                                          settings.process_size)))
         except (ImageReadError, ValueError, OSError) as e:
-            summary.failed.append((item.rel, str(e)))
-    if not ready:
+            out.append(_Ready(item, error=str(e)))
+    return out
+
+
+def _finish(ready: _Ready, out: np.ndarray, settings: RunSettings) -> tuple[str, str | None, float]:
+    """('written' | 'appeared' | 'failed', message, time done)."""
+    item = ready.item
+    try:
+        final = tasks.finish(settings.task, np.asarray(out), ready.prepared, settings.color_fix)
+        alpha = None
+        if settings.keep_alpha and ready.loaded.alpha is not None:
+            size = (final.shape[1], final.shape[0])
+            alpha = np.asarray(Image.fromarray(ready.loaded.alpha, "L").resize(size, Image.BICUBIC))
+        done = write_result(item.out, final, alpha, settings.overwrite)
+        return ("written" if done else "appeared"), None, time.perf_counter()
+    except (OSError, ValueError) as e:
+        return "failed", f"cannot write {item.out}: {e}", time.perf_counter()
+
+
+def _now(fn, *args) -> Future:
+    """`fn(*args)` on this thread, as a finished future (the no-overlap path)."""
+    f: Future = Future()
+    try:
+        f.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001 - re-raised by .result(), as a pool would
+        f.set_exception(e)
+    return f
+
+
+def _accepts_on_step(sampler) -> bool:
+    try:
+        params = inspect.signature(sampler.sample).parameters
+    except (TypeError, ValueError):
+        return False
+    return "on_step" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+
+class _Run:
+    """The state of one `execute`: the summary, the progress bar and the writes still in flight."""
+
+    def __init__(self, plan: Plan, settings: RunSettings, progress: bool):
+        self.summary, self.settings = plan.summary, settings
+        self.bar = tqdm(total=plan.pending, disable=not progress, unit="img", file=sys.stderr)
+        self.writes: collections.deque[tuple[Item, Future]] = collections.deque()
+        self.t0 = time.perf_counter()
+
+    def on_step(self, done: int, total: int) -> None:
+        self.bar.set_postfix_str(f"step {done}/{total}", refresh=True)
+
+    def record(self, item: Item, status: str, message: str | None = None, when: float | None = None) -> None:
+        s = self.summary
+        if status == "written":
+            s.written.append(item.rel)
+            if s.first_image_s is None and when is not None:
+                s.first_image_s = when - self.t0
+        elif status == "appeared":
+            s.appeared.append(item.rel)
+        else:
+            s.failed.append((item.rel, message or "failed"))
+        self.bar.update(1)
+
+    def drain(self, keep: int = 0) -> None:
+        """Record finished writes in order; wait while more than `keep` are in flight."""
+        while self.writes and (len(self.writes) > keep or self.writes[0][1].done()):
+            item, fut = self.writes.popleft()
+            self.record(item, *fut.result())
+
+
+def execute(sampler: Sampler, options, plan: Plan, settings: RunSettings, prompt_fn: PromptFn, *,
+            progress: bool = True, stop: Callable[[], bool] | None = None) -> Summary:
+    """Sample `plan`'s items into their outputs; `stop()` is asked between batches (a signal was received)."""
+    batches, sizes = [], []
+    for size, group in plan.groups.items():
+        bs = batch_size(settings, sampler, options, size)
+        for i in range(0, len(group), bs):
+            batches.append(group[i:i + bs])
+            sizes.append(bs)
+    pool = ThreadPoolExecutor(settings.io_threads, "pasd-io") if settings.io_threads else None
+    submit = pool.submit if pool else _now
+    ahead = PREFETCH if pool else 0
+    loads: collections.deque[Future] = collections.deque(submit(_load, b, settings) for b in batches[:ahead])
+    state = _Run(plan, settings, progress)
+    on_step = state.on_step if progress and _accepts_on_step(sampler) else None
+    done = 0
+    try:
+        for k, batch in enumerate(batches):
+            if stop is not None and stop():
+                break
+            ready = (loads.popleft() if loads else submit(_load, batch, settings)).result()
+            if ahead and k + ahead < len(batches):
+                loads.append(submit(_load, batches[k + ahead], settings))
+            done = k + 1
+            _sample_batch(sampler, options, ready, settings, prompt_fn, state, submit, on_step, sizes[k])
+            state.drain(keep=2 * len(batch))  # bounded: decoded results waiting for the encoder cost memory
+    finally:
+        state.drain()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        state.bar.close()
+    plan.summary.pending = sum(len(b) for b in batches[done:])
+    plan.summary.sampling_s = time.perf_counter() - state.t0
+    return plan.summary
+
+
+def _sample_batch(sampler, options, ready: list[_Ready], settings: RunSettings, prompt_fn: PromptFn,
+                  state: _Run, submit, on_step, pad_to: int) -> None:
+    todo = []
+    for r in ready:
+        if r.error is not None:
+            state.record(r.item, "failed", r.error)
+        elif not settings.overwrite and r.item.out.exists():  # another run did it since we planned
+            state.record(r.item, "appeared")
+        else:
+            try:
+                todo.append((r, prompt_fn(Image.fromarray(r.loaded.rgb, "RGB"), r.item.rel)))
+            except (ValueError, OSError) as e:
+                state.record(r.item, "failed", f"prompt: {e}")
+    if not todo:
         return
     try:
-        images = np.stack([prepared.lq for _, _, prepared, _ in ready])
-        keys = jax.numpy.stack([image_key(settings.seed, item.rel) for item, _, _, _ in ready])
+        images = np.stack([r.prepared.lq for r, _ in todo])
+        keys = jax.numpy.stack([image_key(settings.seed, r.item.rel) for r, _ in todo])
+        kw = {"on_step": on_step} if on_step is not None else {}
         # A short batch is padded to the batch size: reusing the compiled program beats compiling a new one.
-        outs = sampler.sample(images, [p for *_, p in ready], [settings.negative_prompt] * len(ready), keys,
-                              options, pad_to=settings.batch_size)
+        outs = sampler.sample(images, [p for _, p in todo], [settings.negative_prompt] * len(todo), keys, options,
+                              pad_to=pad_to, **kw)
     except Exception as e:  # noqa: BLE001 - a failing batch must not end the run
         msg = f"sampling failed: {type(e).__name__}: {e}"
         if not isinstance(e, (ValueError, MemoryError)):
             traceback.print_exc(file=sys.stderr)
-        summary.failed.extend((item.rel, msg) for item, *_ in ready)
+        for r, _ in todo:
+            state.record(r.item, "failed", msg)
         return
-    for (item, loaded, prepared, _), out in zip(ready, outs):
-        try:
-            final = tasks.finish(settings.task, np.asarray(out), prepared, settings.color_fix)
-            alpha = None
-            if settings.keep_alpha and loaded.alpha is not None:
-                alpha = _resize_alpha(loaded.alpha, (final.shape[1], final.shape[0]))
-            write_image(item.out, final, alpha)
-            summary.written.append(item.rel)
-        except (OSError, ValueError) as e:
-            summary.failed.append((item.rel, f"cannot write {item.out}: {e}"))
+    for (r, _), out in zip(todo, outs):
+        state.writes.append((r.item, submit(_finish, r, np.asarray(out), settings)))
