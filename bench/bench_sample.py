@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--cases", nargs="+", default=["512x1", "512x8", "768x1"])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "unipc"])
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "unipc", "lcm"])
     p.add_argument("--tile-batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--attention", default="auto", choices=list(attention.IMPLS))

@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh sample1   # issue 3: end to end 512x1, 512x8, 768x1
 #   bash bench/gpu_session.sh sample2   # issue 3: 768x4, 2048x1, 2048x1 with latent tiles
 #   bash bench/gpu_session.sh train     # issue 5: training step throughput, remat off/on
+#   bash bench/gpu_session.sh lcm       # issue 15: 4-step LCM vs 20-step UniPC end to end, 512 and 768, batch 1
 #
 # Before the session (here, with network): `bash bench/prepare_official.sh` for the baseline, and the wheels the GPU
 # image lacks into .whl/ (ignored via .git/info/exclude), e.g.
@@ -42,6 +43,13 @@ case "${1:-step}" in
   sample2)
     timeout 560 python3 bench/bench_sample.py --model sd15 --dtype bfloat16 --cases 768x4 2048x1 2048x1:t160 \
       --isolate --out "$OUT/sample2.json" 2>&1 | tail -20
+    ;;
+  lcm)
+    # random weights: only the speed is meaningful (the quality cost of 4 LCM steps needs the real LCM-LoRA)
+    timeout 270 python3 bench/bench_sample.py --model sd15 --dtype bfloat16 --cases 512x1 768x1 --scheduler lcm \
+      --steps 4 --out "$OUT/lcm4.json" 2>&1 | tail -10
+    timeout 270 python3 bench/bench_sample.py --model sd15 --dtype bfloat16 --cases 512x1 768x1 --scheduler unipc \
+      --steps 20 --out "$OUT/unipc20.json" 2>&1 | tail -10
     ;;
   train)
     timeout 560 python3 bench/bench_train.py --out "$OUT/train.json" 2>&1 | tail -20
