@@ -17,7 +17,7 @@ from pasd_jax.convert.io import PathLike
 from pasd_jax.convert.release import DEFAULT_TRAINABLE, ReleaseInfo, describe_base, export_release, lookup_config
 from pasd_jax.safe_write import refuse_existing, refuse_overlap
 from pasd_jax.sharding import trainable_split
-from pasd_jax.runs.checkpoint import Checkpoints, checkpoint_dir, resolve_base
+from pasd_jax.runs.checkpoint import CheckpointReadError, Checkpoints, checkpoint_dir, resolve_base
 from pasd_jax.runs.models import abstract, build_models, load_frozen
 
 
@@ -26,7 +26,8 @@ def restore_for_export(ckpt_dir: str | os.PathLike, step: int | None = None) -> 
 
     Returns {"unet": (PASDUNet, params incl. the frozen SD base read from its fp32 folder), "controlnet":
     (PASDControlNet, params), "metadata": {"step", "variant", "config", "model_configs", "base", "trainable"}}.
-    `ckpt_dir` is a run's work dir or its checkpoints/ dir; `step` defaults to the latest finished one.
+    `ckpt_dir` is a run's work dir or its checkpoints/ dir; `step` defaults to the latest finished one. A step
+    that cannot be read is a `CheckpointReadError` naming the step and file, and the steps to use instead.
     """
     ckdir = checkpoint_dir(ckpt_dir)
     if not ckdir.is_dir():
@@ -34,13 +35,16 @@ def restore_for_export(ckpt_dir: str | os.PathLike, step: int | None = None) -> 
     ck = Checkpoints(ckdir, read_only=True)
     try:
         step = ck.latest_step() if step is None else step
-        meta = ck.metadata(step)
-        meta["base"] = resolve_base(meta["base"], ckdir.parent)
-        names = tuple(meta["trainable"])
-        models = build_models(meta["model_configs"], meta["variant"])
-        shapes = {CONTROLNET: abstract(models.controlnet),
-                  UNET: trainable_split.split_unet(abstract(models.unet), names)[0]}
-        trained = ck.restore_params_numpy(step, shapes)
+        try:
+            meta = ck.metadata(step)
+            meta["base"] = resolve_base(meta["base"], ckdir.parent)
+            names = tuple(meta["trainable"])
+            models = build_models(meta["model_configs"], meta["variant"])
+            shapes = {CONTROLNET: abstract(models.controlnet),
+                      UNET: trainable_split.split_unet(abstract(models.unet), names)[0]}
+            trained = ck.restore_params_numpy(step, shapes)
+        except CheckpointReadError as e:
+            raise e.with_hint(_other_steps_hint(ck.all_steps(), e.step, ckpt_dir)) from None
     finally:
         ck.close()
     frozen = load_frozen(models, meta["base"], names, kinds=(UNET,))
@@ -48,6 +52,14 @@ def restore_for_export(ckpt_dir: str | os.PathLike, step: int | None = None) -> 
     keep = ("step", "variant", "config", "model_configs", "base", "trainable")
     return {UNET: (models.unet, unet), CONTROLNET: (models.controlnet, trained[CONTROLNET]),
             "metadata": {k: meta[k] for k in keep}}
+
+
+def _other_steps_hint(steps: list[int], broken: int, ckpt_dir: str | os.PathLike) -> str:
+    older = sorted((s for s in steps if s != broken), reverse=True)
+    if not older:
+        return "the run has no other step; nothing was changed on disk"
+    return (f"other steps on disk: {', '.join(map(str, older))}; export one with `python -m pasd_jax.convert "
+            f"export --ckpt {ckpt_dir} --step {older[0]} --out <folder>` (nothing was changed on disk)")
 
 
 def export_pytorch(unet: tuple[Any, Any], controlnet: tuple[Any, Any], folder: str | os.PathLike) -> pathlib.Path:

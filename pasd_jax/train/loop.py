@@ -3,10 +3,13 @@
 Robustness rules: the config is validated before anything is built or compiled; a non-finite loss or gradient
 norm stops the run before any checkpoint could hold it (metrics are checked one step behind, so the device never
 waits, and always before a save); SIGTERM/SIGINT (preemption) saves the current step and returns; a resumed run
-continues bit-for-bit (same RNG draws, same data order) as long as the loader's worker count is unchanged.
+continues bit-for-bit (same RNG draws, same data order) as long as the loader's worker count is unchanged; a saved
+step that cannot be read back stops the run with its name, or is set aside under `--resume=latest_intact`
+(`resume.py`); nothing is created in the work dir before the config and data checks have passed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -25,6 +28,7 @@ from pasd_jax.schedulers.schedule import alphas_cumprod_from_betas, effective_co
 from pasd_jax.runs import checkpoint as ckpt_lib
 from pasd_jax.train import data as data_lib
 from pasd_jax.train import layout as layout_lib
+from pasd_jax.train import resume as resume_lib
 from pasd_jax.train import setup
 from pasd_jax import sharding
 from pasd_jax.sharding import trainable_split
@@ -50,6 +54,7 @@ class RunResult:
     status: str                      # "finished" | "preempted"
     metrics: dict[str, float]        # the last logged row
     export_dir: pathlib.Path | None = None
+    signal: int | None = None        # the signal that preempted the run (the CLI exits with 128 + it)
 
 
 def init_distributed(dc) -> None:
@@ -147,30 +152,40 @@ class _Run:
     meta: dict[str, Any]
     data_state: Any
     latest: int | None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def _plan(config, ckpts: ckpt_lib.Checkpoints) -> tuple[int | None, dict | None, dict[str, dict], Models]:
-    """The cheap part of the setup: latest checkpoint and its metadata (checked against the config), models."""
-    latest = ckpts.latest_step()
-    previous = ckpts.metadata(latest) if latest is not None else None
+@dataclasses.dataclass
+class _Plan:
+    """The cheap part of the setup: the step to resume from and its metadata (checked against the config)."""
+    latest: int | None
+    previous: dict | None
+    configs: dict[str, dict]
+    models: Models
+    broken: list[ckpt_lib.CheckpointReadError]
+
+
+def _plan(config, reader: ckpt_lib.Checkpoints | None, resume: str) -> _Plan:
+    latest, previous, broken = resume_lib.newest(reader, reader.metadata if reader else None, resume)
     if previous is not None:
         _check_resume(previous, config)
     configs = previous["model_configs"] if previous else setup.model_config_dicts(config.model)
     models = build_models(configs, config.model.variant, jnp.dtype(config.model.compute_dtype),
                           bool(config.model.remat))
-    return latest, previous, configs, models
+    return _Plan(latest, previous, configs, models, broken)
 
 
-def _prepare(config, workdir: pathlib.Path, ckpts: ckpt_lib.Checkpoints, latest: int | None,
-             previous: dict | None, configs: dict[str, dict], models: Models) -> _Run:
+def _prepare(config, workdir: pathlib.Path, reader: ckpt_lib.Checkpoints | None, plan: _Plan,
+             resume: str) -> _Run:
     """Mesh layout, state (fresh, or restored into this mesh), frozen params and the compiled step."""
+    latest, previous, configs, models = plan.latest, plan.previous, plan.configs, plan.models
     dtype = jnp.dtype(config.model.compute_dtype)
     names = tuple(config.model.trainable)
     optim = layout_lib.freeze(config.optim)
     rules = tuple((str(r), tuple(a)) for r, a in config.sharding.rules)
     mesh = sharding.make_mesh(dict(config.mesh))
     layout = layout_lib.make_layout(models, names, dtype.name, optim, mesh, rules, int(config.sharding.min_size))
-    data_state = None
+    data_state, notes = None, []
     if previous is None:
         trainable, frozen, base = setup.fresh_start(config, models, configs, workdir)
         _sync("pasd_base_written")
@@ -178,7 +193,15 @@ def _prepare(config, workdir: pathlib.Path, ckpts: ckpt_lib.Checkpoints, latest:
     else:
         base = ckpt_lib.resolve_base(previous["base"], workdir)
         frozen = load_frozen(models, base, names)
-        state, data_state, _ = ckpts.restore(latest, layout.abstract_state())
+        abstract_state = layout.abstract_state()
+        step, (state, data_state, restored_meta), broken = resume_lib.newest(
+            reader, lambda s: reader.restore(s, abstract_state), resume, at_most=latest)
+        _check_resume(restored_meta, config)
+        broken = plan.broken + broken  # metadata or arrays unreadable; set aside only once an older step restored
+        if broken:
+            notes = resume_lib.set_aside(reader, broken, step)
+            _sync("pasd_broken_steps_set_aside")
+        latest = step
     frozen = sharding.put(cast(frozen, dtype), layout.frozen_sh)
     accum = int(config.grad_accum)
     step_fn = layout_lib.compile_step(models, make_diffusion(config), layout, optim,
@@ -187,33 +210,40 @@ def _prepare(config, workdir: pathlib.Path, ckpts: ckpt_lib.Checkpoints, latest:
             "base": ckpt_lib.relative_base(base, workdir), "trainable": list(names),
             "num_workers": int(config.loader.num_workers), "process_count": jax.process_count(),
             "mesh": dict(mesh.shape), "jax_version": jax.__version__}
-    return _Run(configs, models, layout, step_fn, state, frozen, base, meta, data_state, latest)
+    return _Run(configs, models, layout, step_fn, state, frozen, base, meta, data_state, latest, notes)
 
 
-def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory | None = None) -> RunResult:
-    """Train (or resume) the run in `workdir` up to `config.steps` optimizer steps."""
+def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory | None = None,
+          resume: str = resume_lib.LATEST) -> RunResult:
+    """Train (or resume) the run in `workdir` up to `config.steps` optimizer steps.
+
+    `resume`: "latest" stops on a step that cannot be read; "latest_intact" sets it aside and resumes from the
+    newest step that reads (see `pasd_jax.train.resume`)."""
     t_start = time.perf_counter()
     if config.distributed.enabled:
         init_distributed(config.distributed)
     validate(config, n_devices=jax.device_count(), process_count=jax.process_count())
+    resume_lib.check_mode(resume)
     workdir = pathlib.Path(workdir).absolute()
-    ckpts = ckpt_lib.Checkpoints(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=int(config.max_to_keep))
-    try:
-        latest, previous, configs, models = _plan(config, ckpts)
-        # The loader opens (and probes its sources) before anything compiles: a bad data path fails in seconds.
+    ckdir = workdir / ckpt_lib.CHECKPOINTS
+    with contextlib.ExitStack() as stack:
+        reader = ckpt_lib.Checkpoints(ckdir, read_only=True) if ckdir.is_dir() else None  # creates nothing
+        if reader is not None:
+            stack.callback(reader.close)
+        plan = _plan(config, reader, resume)
+        # The loader opens (and probes its sources) before anything compiles: a bad data path fails in seconds,
+        # and before anything is written into the work dir.
         iterator = (make_iterator or data_lib.make_iterator)(
             config, process_index=jax.process_index(), process_count=jax.process_count(),
-            vocab_size=models.text_encoder.config.vocab_size)
-        try:
-            run = _prepare(config, workdir, ckpts, latest, previous, configs, models)
-            if run.data_state is not None:
-                iterator.set_state(run.data_state)
-            result, state = _steps(config, run, iterator, ckpts, workdir, t_start)
-        finally:
-            getattr(iterator, "close", lambda: None)()
+            vocab_size=plan.models.text_encoder.config.vocab_size)
+        stack.callback(getattr(iterator, "close", lambda: None))
+        run = _prepare(config, workdir, reader, plan, resume)
+        ckpts = ckpt_lib.Checkpoints(ckdir, max_to_keep=int(config.max_to_keep))
+        stack.callback(ckpts.close)
+        if run.data_state is not None:
+            iterator.set_state(run.data_state)
+        result, state = _steps(config, run, iterator, ckpts, workdir, t_start)
         ckpts.wait()
-    finally:
-        ckpts.close()
     if result.status == "finished" and config.export_at_end:
         result.export_dir = export_live(run.configs, run.models.variant, state["params"], run.base,
                                         tuple(config.model.trainable),
@@ -233,6 +263,8 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
     writer.message(f"{'resumed from' if run.latest else 'new run at'} step {step} in {workdir}: "
                    f"{run.models.variant}, {trainable_split.count(layout.trainable) / 1e6:.1f}M trainable params, mesh "
                    f"{dict(layout.mesh.shape)}, ready in {time.perf_counter() - t_start:.1f}s (setup + compile)")
+    for note in run.notes:
+        writer.message(note)
     loop = _Loop(config, ckpts, writer, last_saved=run.latest)
     validation = config.get("validation")
     validator = Validator(config, run.models, workdir) if validation and int(validation.every) else None
@@ -263,7 +295,8 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
             loop.check_pending()
     finally:
         writer.close()
-    return RunResult(step=step, status=status, metrics=loop.last_row), state
+    return RunResult(step=step, status=status, metrics=loop.last_row,
+                     signal=signals.received if status == "preempted" else None), state
 
 
 def _validate(validator: Validator, step: int, state: dict, frozen: dict, writer: MetricsWriter) -> None:
