@@ -18,6 +18,9 @@ DEFAULT_NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres,
 GRAYSCALE_NEGATIVE_PROMPT = "b&w, color bleeding"
 CAPTION_STYLES = ("coca", "blip")
 CONTROL_TYPES = ("realisr", "grayscale")
+# Colorization (official grayscale mode): a caption of the gray input says "black and white"; asking for that
+# would ask the model for a gray image. Plain, case-sensitive substring replacement, as the official code does.
+COLOR_REPLACEMENTS = (("black and white", "color"),)
 
 
 def none_text(prompt: str) -> str:
@@ -88,6 +91,13 @@ def join_added_prompt(text: str, added_prompt: str, separator: bool = False) -> 
     return f"{head}, {added_prompt}" if head else added_prompt
 
 
+def color_text(text: str) -> str:
+    """The colorization rule on the high-level text: "black and white" -> "color" (case-sensitive, as official)."""
+    for old, new in COLOR_REPLACEMENTS:
+        text = text.replace(old, new)
+    return text
+
+
 def final_prompt(text: str, added_prompt: str, control_type: str = "realisr", separator: bool = False) -> str:
     """The positive prompt from the high-level text, per control type.
 
@@ -97,7 +107,7 @@ def final_prompt(text: str, added_prompt: str, control_type: str = "realisr", se
     if control_type == "realisr":
         return join_added_prompt(text, added_prompt, separator)
     if control_type == "grayscale":
-        return text.replace("black and white", "color")
+        return color_text(text)
     raise ValueError(f"control_type must be one of {CONTROL_TYPES}, got {control_type!r}")
 
 
