@@ -40,6 +40,53 @@ def detect_kind(config: Mapping[str, Any], where: str = "config.json") -> str:
                       "ControlNetModel or AutoencoderKL config, or a transformers CLIPTextModel config")
 
 
+KIND_NAMES = {UNET: "UNet (UNet2DConditionModel)", CONTROLNET: "ControlNet (ControlNetModel)",
+              VAE: "VAE (AutoencoderKL)", TEXT_ENCODER: "CLIP text encoder (CLIPTextModel)"}
+_SHORT = {UNET: "UNet", CONTROLNET: "ControlNet", VAE: "VAE", TEXT_ENCODER: "CLIP text encoder"}
+
+
+def _config_name(config: Mapping[str, Any]) -> str:
+    archs = config.get("architectures") or ()
+    return str(config.get("_class_name") or (archs[0] if archs else None) or config.get("model_type") or "?")
+
+
+def describe_folder(path: PathLike) -> str:
+    """What a folder given as a model is, in words, for messages ("it is a VAE model folder (...)")."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        return "it does not exist"
+    if not p.is_dir():
+        return f"it is a file ({p.suffix or 'no suffix'}), not a folder"
+    if (p / "config.json").is_file():
+        try:
+            config = read_json(p / "config.json")
+            kind = detect_kind(config, str(p / "config.json"))
+        except (ConfigError, WeightFileError, ValueError):
+            return "it is a model folder of an unknown type (its config.json names no diffusers/transformers class)"
+        return f"it is a {_SHORT[kind]} model folder (config.json: {_config_name(config)})"
+    subs = {q.name for q in p.iterdir() if (q / "config.json").is_file()}
+    if (p / "model_index.json").is_file() or {VAE, TEXT_ENCODER} <= subs:
+        return (f"it is a Stable Diffusion pipeline folder ({', '.join(f'{d}/' for d in sorted(subs))}): that is an "
+                "SD base (--base), not a PASD checkpoint")
+    if (p / "checkpoints").is_dir():
+        return "it is a train.py work dir"
+    listing = ", ".join(sorted(q.name + ("/" if q.is_dir() else "") for q in p.iterdir())[:8]) or "nothing"
+    return f"it holds {listing}"
+
+
+def check_kind(folder: PathLike, expected: str, role: str) -> None:
+    """Refuse a model folder of another kind (a VAE in a checkpoint's unet/) before any weights are read."""
+    folder = pathlib.Path(folder)
+    config = read_json(folder / "config.json")
+    try:
+        kind = detect_kind(config, str(folder / "config.json"))
+    except ConfigError as e:
+        raise WeightFileError(f"{folder}: {e}; expected {role}") from None
+    if kind != expected:
+        raise WeightFileError(f"{folder} holds a {_SHORT[kind]} (config.json: {_config_name(config)}), but "
+                              f"expected {role}: the folder is not what its name says (copied from another model?)")
+
+
 def detect_unet_variant(keys) -> str:
     keys = list(keys)
     has_paca = any(".pixel_attentions." in k for k in keys)

@@ -23,7 +23,8 @@ from flax.traverse_util import flatten_dict
 from pasd_jax.convert.base import (abstract_of, load_model_folder_with_meta, module_from_meta, to_device,
                                    weight_file_shapes)
 from pasd_jax.convert.cache import ConversionCache, load_flax_params, save_flax_params
-from pasd_jax.convert.folders import CONTROLNET, UNET, kind_of, style_of, to_pytorch
+from pasd_jax.convert.folders import (CONTROLNET, UNET, check_kind, describe_folder, kind_of, style_of,
+                                      to_pytorch)
 from pasd_jax.convert.io import PathLike, WeightFileError, read_json, write_json
 from pasd_jax.convert.tree import expected_torch_shapes
 from pasd_jax.models.blocks import PLAIN
@@ -179,14 +180,26 @@ def is_flax_checkpoint(path: PathLike) -> bool:
     return (pathlib.Path(path) / FLAX_MARKER).is_file()
 
 
+EXPECTED_SUB = {UNET: "a PASD UNet (UNet2DConditionModel config, weights with pixel_attentions / attn2_plus) in unet/",
+                CONTROLNET: "a PASD ControlNet (ControlNetModel) in controlnet/"}
+
+
+def check_subfolders(path: PathLike) -> None:
+    """unet/ and controlnet/ hold the model kinds their names say (a VAE there fails deep in the loader)."""
+    for sub in SUBFOLDERS:
+        check_kind(pathlib.Path(path) / sub, sub, EXPECTED_SUB[sub])
+
+
 def import_official(pasd: PathLike, out: PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """An official PASD checkpoint folder -> our Flax-layout folder (`unet/`, `controlnet/`, marker file)."""
     pasd, out = pathlib.Path(pasd), pathlib.Path(out)
     refuse_overlap(out, [pasd])
     refuse_existing(out, overwrite)
     if not is_official_checkpoint(pasd):
-        raise ReleaseError(f"{pasd} is not an official PASD checkpoint: expected unet/ and controlnet/ folders with "
-                           "config.json and diffusion_pytorch_model.safetensors (as runs/pasd/checkpoint-100000)")
+        raise ReleaseError(f"{pasd} is not an official PASD checkpoint ({describe_folder(pasd)}): expected unet/ and "
+                           "controlnet/ folders with config.json and diffusion_pytorch_model.safetensors (as "
+                           "runs/pasd/checkpoint-100000)")
+    check_subfolders(pasd)
     loaded = {s: load_model_folder_with_meta(pasd / s, cache=False) for s in SUBFOLDERS}
     if loaded[UNET][0].variant == PLAIN:
         raise ReleaseError(f"{pasd / UNET} is a plain SD UNet (no pixel_attentions / attn2_plus keys): not PASD")
@@ -227,9 +240,10 @@ def load_checkpoint(path: PathLike, *, dtype: Any = jnp.float32, param_dtype: An
     if is_flax_checkpoint(path):
         return load_flax_checkpoint(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
     if not is_official_checkpoint(path):
-        raise WeightFileError(f"{path} is not a PASD checkpoint: expected unet/ and controlnet/ with config.json "
-                              f"(an official folder) or {FLAX_MARKER} (a folder written by "
-                              "`python -m pasd_jax.convert import`)")
+        raise WeightFileError(f"{path} is not a PASD checkpoint ({describe_folder(path)}): expected unet/ and "
+                              f"controlnet/ with config.json (an official folder) or {FLAX_MARKER} (a folder written "
+                              "by `python -m pasd_jax.convert import`)")
+    check_subfolders(path)
     out = {}
     for sub in SUBFOLDERS:
         module, params, _ = load_model_folder_with_meta(path / sub, dtype=dtype, param_dtype=param_dtype,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pasd_jax.convert.base import load_sd_base
-from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE
+from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE, describe_folder
 from pasd_jax.convert.io import PathLike, WeightFileError
 from pasd_jax.convert.lora import LoraSpec, lcm_lora_spec
 from pasd_jax.convert.personalize import apply_loras, swap_base
@@ -75,7 +75,8 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
     else:
         restored = _train_checkpoint(ckpt)
         if restored is None:
-            raise WeightFileError(f"--ckpt {ckpt} is not a PASD checkpoint: expected unet/ and controlnet/ folders "
+            raise WeightFileError(f"--ckpt {ckpt} is not a PASD checkpoint ({describe_folder(ckpt)}): expected "
+                                  "unet/ and controlnet/ folders "
                                   "with config.json (official layout), a pasd-jax imported folder, or a train.py "
                                   "work dir with checkpoints")
         unet, controlnet = restored["unet"], restored["controlnet"]

@@ -82,8 +82,12 @@ def make_iterator(config, *, process_index: int, process_count: int, vocab_size:
 
 
 def split_counters(batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """(model inputs, named skipped/converted record counts of this batch) of one loader batch."""
-    arrays = {k: np.asarray(batch[k]) for k in MODEL_KEYS}
+    """(model inputs, named skipped/converted record counts of this batch) of one loader batch.
+
+    The inputs are copied out of the loader's buffers: Grain hands batches over in shared memory, and one still
+    referenced when the process exits (by a NaN stop's traceback, or by a CPU jax.Array aliasing it) is never
+    unlinked ("leaked shared_memory objects"). A copy is cheap next to a step and frees the block at once."""
+    arrays = {k: np.array(batch[k]) for k in MODEL_KEYS}
     counters = {}
     if "skip_counts" in batch:
         from data_pipeline.loader import count_summary
