@@ -172,6 +172,7 @@ class Session:
             raise AppError(f"the {settings.task} task is not supported by this version of the sampler yet") from e
 
     def _write(self, image: np.ndarray, name: str, settings: Settings) -> pathlib.Path:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         folder = pathlib.Path(tempfile.mkdtemp(dir=self.output_dir))
         self._outputs.append(folder)
         while len(self._outputs) > KEEP_OUTPUTS:

@@ -134,13 +134,16 @@ def build(session: Session):
                 shown = gr.Image(label="Input", interactive=False, height=220, format="png", elem_id="pasd-preview",
                                  buttons=[])
                 task = gr.Radio(TASK_CHOICES, value=d.task, label="Task")
-                prompt = gr.Textbox(label="Prompt", value=d.prompt, placeholder="optional: what the image shows")
+                prompt = gr.Textbox(label="Prompt", value=d.prompt, elem_id="pasd-prompt",
+                                    placeholder="optional: what the image shows")
                 added = gr.Textbox(label="Added prompt", value=d.added_prompt)
                 negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, lines=2)
-                with gr.Row(equal_height=True):
-                    upscale = gr.Slider(1, 4, value=d.upscale, step=1, label="Upscale", scale=4)
-                    seed = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, elem_id="pasd-seed", scale=3)
-                    random_seed = gr.Checkbox(label="Random seed", value=False, scale=2, min_width=120)
+                with gr.Row():
+                    upscale = gr.Slider(1, 4, value=d.upscale, step=1, label="Upscale", scale=1,
+                                        elem_id="pasd-upscale")
+                    with gr.Column(scale=1, min_width=160):
+                        seed = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, elem_id="pasd-seed")
+                        random_seed = gr.Checkbox(label="New random seed every run", value=False)
                 with gr.Row():
                     defaults_btn = gr.Button("pasd-sample defaults", size="sm")
                     demo_btn = gr.Button("Official demo settings", size="sm", elem_id="pasd-official")
