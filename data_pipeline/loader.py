@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pasd_jax import image_io
+from data_pipeline import bad_data
 from data_pipeline.config import as_plain_dict
 from data_pipeline.degradation import degrade_uint8
 from data_pipeline.gt_prep import prepare_gt
@@ -43,6 +44,9 @@ def grain_absl_workaround() -> None:
 def _worker_init(worker_index: int, worker_count: int) -> None:
     import cv2
 
+    from data_pipeline.workers import exit_with_parent
+
+    exit_with_parent()  # a SIGKILLed trainer must not leave its workers behind
     cv2.setNumThreads(1)  # one core per worker; cv2's own pool would oversubscribe
     grain_absl_workaround()
 
@@ -110,8 +114,9 @@ def load_image(record: Mapping[str, Any], min_side: int) -> tuple[np.ndarray, st
     return image_io.decode_rgb(img, min_side)
 
 
-def read_good_record(source, index: int, min_side: int, max_retries: int):
-    """(rgb, caption, skip counts, convert counts) from record `index`, or from the next good one after it."""
+def read_good_record(source, index: int, min_side: int, max_retries: int, bad: list | None = None):
+    """(rgb, caption, skip counts, convert counts) from record `index`, or from the next good one after it;
+    the records skipped on the way are appended to `bad` (reason, record name, detail) when it is given."""
     skips, converts = _zero_counts()
     n = len(source)
     errors = []
@@ -126,6 +131,8 @@ def read_good_record(source, index: int, min_side: int, max_retries: int):
         except SkipRecord as e:
             skips[SKIP_REASONS.index(e.reason)] += 1
             errors.append(f"#{j}: {e}")
+            if bad is not None:
+                bad.append(bad_data.entry(source, j, e))
             continue
         if kind is not None:
             converts[CONVERT_KINDS.index(kind)] += 1
@@ -138,23 +145,30 @@ class MakePair:
     """Grain RandomMap: (component, index) -> {hq, lq, input_ids, skip_counts, convert_counts}.
 
     hq/lq are uint8 512x512x3 (both exactly 8-bit, so nothing is lost); all randomness comes from Grain's
-    per-element generator. The tokenizer is loaded lazily once per process.
+    per-element generator. The tokenizer is loaded lazily once per process. With `report_bad`, each element also
+    names the records skipped while making it (`bad_records`, see data_pipeline.bad_data).
     """
 
     def __init__(self, sources: Sequence[Any], degradation: DegradationConfig, tokenizer_path: str | None,
-                 crop_size: int, random_flip: bool, min_side: int, max_retries: int):
+                 crop_size: int, random_flip: bool, min_side: int, max_retries: int,
+                 report_bad: bool = False):
         self.sources = tuple(sources)
         self.degradation = degradation
         self.tokenizer_path = tokenizer_path
         self.crop_size, self.random_flip = crop_size, random_flip
         self.min_side, self.max_retries = min_side, max_retries
+        self.report_bad = report_bad
 
     def random_map(self, element: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         comp, index = element
-        rgb, caption, skips, converts = read_good_record(self.sources[comp], index, self.min_side, self.max_retries)
+        bad = [] if self.report_bad else None
+        rgb, caption, skips, converts = read_good_record(self.sources[comp], index, self.min_side, self.max_retries,
+                                                         bad)
         hq = prepare_gt(rgb, self.crop_size, rng, flip=self.random_flip)
         lq = degrade_uint8(hq, rng, self.degradation)
         out = {"hq": hq, "lq": lq, "skip_counts": skips, "convert_counts": converts}
+        if bad is not None:
+            out["bad_records"] = bad_data.encode(bad)
         if self.tokenizer_path is not None:
             out["input_ids"] = tokenize(load_tokenizer(self.tokenizer_path), caption)
         return out
@@ -162,24 +176,9 @@ class MakePair:
     __call__ = random_map  # grain accepts a plain callable(element, rng) as well
 
 
-def probe(source, n_probe: int, min_side: int) -> None:
-    """Start-up check: an empty source, or one whose probed records all fail, is an error now, not later."""
-    n = len(source)
-    if n == 0:
-        raise DataError(f"data source {source!r} is empty")
-    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, n_probe))})
-    errors = []
-    for i in picks:
-        try:
-            try:
-                rec = source[i]
-            except (OSError, ValueError) as e:
-                raise SkipRecord("read_error", f"{type(e).__name__}: {e}") from None
-            load_image(rec, min_side)
-            return
-        except SkipRecord as e:
-            errors.append(f"#{i}: {e}")
-    raise DataError(f"every probed record of {source!r} failed ({len(picks)} tried): " + "; ".join(errors[:5]))
+def probe(source, n_probe: int, min_side: int, *, seed: int = 0) -> None:
+    """Start-up check of a seeded random sample of records (see data_pipeline.bad_data.probe)."""
+    bad_data.probe(source, n_probe, min_side, load_image, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -202,18 +201,19 @@ def reference_stream(mixture: Mixture, seed: int):
 
 
 def build_dataset(cfg: Mapping[str, Any] | None, *, seed: int, process_index: int, process_count: int,
-                  batch_size: int, tokenizer_path: str | None, source=None):
+                  batch_size: int, tokenizer_path: str | None, source=None, bad_records: bool = False):
     """The batched grain.MapDataset (before to_iter_dataset / mp_prefetch); exposed for tests and tools."""
     c = as_plain_dict(cfg)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     mixture = source if isinstance(source, Mixture) else (
         Mixture((source,), (1.0,)) if source is not None else sources_from_config(c["sources"]))
-    for s in mixture.sources:
-        probe(s, c["probe_records"], c["min_side"])
+    for k, s in enumerate(mixture.sources):
+        probe(s, c["probe_records"], c["min_side"], seed=_derive_seed(seed, 3, k))
     ds = reference_stream(mixture, seed)
     pair = MakePair(mixture.sources, DegradationConfig.from_dict(c["degradation"]), tokenizer_path,
-                    c["crop_size"], c["random_flip"], c["min_side"], c["max_retries"])
+                    c["crop_size"], c["random_flip"], c["min_side"], c["max_retries"],
+                    report_bad=bad_records)
     ds = ds.random_map(pair, seed=_derive_seed(seed, 2))
     ds = ds[process_index::process_count]  # after the random map: global indices, distinct streams per host
     return ds.batch(batch_size, drop_remainder=True)
@@ -268,17 +268,19 @@ class TrainIterator:
 
 def make_train_iterator(cfg: Mapping[str, Any] | None, *, seed: int, process_index: int, process_count: int,
                         batch_size: int, tokenizer_path: str | None, num_workers: int = 0,
-                        source=None) -> TrainIterator:
+                        source=None, bad_records: bool = False) -> TrainIterator:
     """The training batch iterator (see data_pipeline/README.md for the batch contract).
 
     `source` (a source object or a Mixture) overrides `cfg.sources`. `num_workers=0` runs in-process;
-    N > 0 uses N Grain worker processes (results are identical; the saved state is tied to N).
+    N > 0 uses N Grain worker processes (results are identical; the saved state is tied to N). `bad_records`
+    adds each element's skipped records by name (the trainer logs them).
     """
     import grain
 
     c = as_plain_dict(cfg)
     ds = build_dataset(c, seed=seed, process_index=process_index, process_count=process_count,
-                       batch_size=batch_size, tokenizer_path=tokenizer_path, source=source)
+                       batch_size=batch_size, tokenizer_path=tokenizer_path, source=source,
+                       bad_records=bad_records)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c["read_threads"],
                                                  prefetch_buffer_size=c["prefetch_buffer_size"]))
     if num_workers > 0:

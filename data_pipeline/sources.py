@@ -66,6 +66,9 @@ class FolderSource:
             caption = _first_line(txt.read_bytes())
         return {"image": path.read_bytes(), "caption": caption, "key": rel}
 
+    def record_name(self, i: int) -> str:
+        return str(self.root / self.paths[i])
+
     def __repr__(self) -> str:
         return f"FolderSource({str(self.root)!r}, {len(self)} images)"
 
@@ -176,6 +179,9 @@ class TarShardSource:
         caption = _first_line(self._read(shard, toff, tsize)) if toff >= 0 else ""
         return {"image": self._read(shard, off, size), "caption": caption, "key": self._keys[i]}
 
+    def record_name(self, i: int) -> str:
+        return f"{self.shards[int(self._shard[i])]}:{self._keys[i]}"
+
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():
             try:
@@ -219,6 +225,9 @@ class TfdsSource:
         img = ex[self.image_key]
         return {"image": bytes(img) if isinstance(img, (bytes, bytearray, memoryview)) else img,
                 "caption": cap, "key": f"{self.desc}#{i}"}
+
+    def record_name(self, i: int) -> str:
+        return f"{self.desc}#{i}"
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.desc}, {len(self)} records)"

@@ -78,7 +78,7 @@ def make_iterator(config, *, process_index: int, process_count: int, vocab_size:
     from data_pipeline.loader import make_train_iterator
     return make_train_iterator(config.data, seed=config.seed, process_index=process_index,
                                process_count=process_count, batch_size=config.batch_size // process_count,
-                               tokenizer_path=lc.tokenizer, num_workers=lc.num_workers)
+                               tokenizer_path=lc.tokenizer, num_workers=lc.num_workers, bad_records=True)
 
 
 def split_counters(batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -93,6 +93,14 @@ def split_counters(batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dic
         from data_pipeline.loader import count_summary
         counters = count_summary(batch)
     return arrays, counters
+
+
+def bad_records(batch: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The records the loader skipped while making this batch, by name ({reason, record, detail})."""
+    if "bad_records" not in batch:
+        return []
+    from data_pipeline.bad_data import decode
+    return decode(batch)
 
 
 def to_global(arrays: Mapping[str, np.ndarray], grad_accum: int, resolution: int,

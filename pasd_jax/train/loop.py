@@ -32,8 +32,8 @@ from pasd_jax.train import resume as resume_lib
 from pasd_jax.train import setup
 from pasd_jax import sharding
 from pasd_jax.sharding import trainable_split
-from pasd_jax.runs.export import export_pytorch
-from pasd_jax.train.metrics import MetricsWriter
+from pasd_jax.runs.export import export_pytorch, run_scheduler_to_export, write_scheduler_beside
+from pasd_jax.train.metrics import BadDataLog, MetricsWriter
 from pasd_jax.models.bundle import Models
 from pasd_jax.runs.models import build_models, cast, load_frozen
 from pasd_jax.train.step import Diffusion
@@ -42,6 +42,7 @@ from pasd_jax.train.config_checks import validate
 from pasd_jax.train.validation import Validator
 
 IteratorFactory = Callable[..., Iterator]
+COLORFULNESS_REPEATS = {"official": 3, "single": 1}
 
 
 class NonFiniteLossError(PasdError, RuntimeError):
@@ -84,11 +85,18 @@ def make_diffusion(config) -> Diffusion:
         raise ConfigError(f"{config.diffusion.scheduler}: prediction_type {sched['prediction_type']!r} is not "
                           "supported for training (epsilon or v_prediction)")
     abar = alphas_cumprod_from_betas(make_betas(sched))
+    d = config.diffusion
+    terms = d.get("colorfulness_terms", "official")   # colorization loss (train.losses): 3x as official, or once
+    if terms not in COLORFULNESS_REPEATS:
+        raise ConfigError(f"diffusion.colorfulness_terms={terms!r}: expected one of {tuple(COLORFULNESS_REPEATS)}")
     return Diffusion(alphas_cumprod=tuple(float(a) for a in abar),
                      null_ids=null_ids(config.loader.tokenizer),
                      null_text_ratio=float(config.diffusion.null_text_ratio),
                      prediction_type=sched["prediction_type"], dr_weight=float(config.diffusion.dr_loss_weight),
-                     conditioning_scale=float(config.model.conditioning_scale))
+                     conditioning_scale=float(config.model.conditioning_scale),
+                     colorfulness_weight=float(d.get("colorfulness_weight", 0.0)),
+                     colorfulness_repeats=COLORFULNESS_REPEATS[terms],
+                     colorfulness_batch=int(d.get("colorfulness_batch", 4)))
 
 
 class StopSignals:
@@ -247,7 +255,8 @@ def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory
     if result.status == "finished" and config.export_at_end:
         result.export_dir = export_live(run.configs, run.models.variant, state["params"], run.base,
                                         tuple(config.model.trainable),
-                                        workdir / "export" / f"checkpoint-{result.step}")
+                                        workdir / "export" / f"checkpoint-{result.step}",
+                                        scheduler=run_scheduler_to_export(config))
     return result
 
 
@@ -266,13 +275,17 @@ def _steps(config, run: _Run, iterator: Iterator, ckpts: ckpt_lib.Checkpoints, w
     for note in run.notes:
         writer.message(note)
     loop = _Loop(config, ckpts, writer, last_saved=run.latest)
+    bad_log = BadDataLog(workdir, writer.message, process_index=jax.process_index())
     validation = config.get("validation")
     validator = Validator(config, run.models, workdir) if validation and int(validation.every) else None
     status = "finished"
     try:
         with StopSignals() as signals:
             while step < steps:
-                arrays, counters = data_lib.split_counters(next(iterator))
+                raw = next(iterator)
+                arrays, counters = data_lib.split_counters(raw)
+                bad_log.add(step + 1, data_lib.bad_records(raw))
+                del raw  # the loader's (shared-memory) batch goes now; the step reads copies
                 batch = data_lib.to_global(arrays, accum, crop, layout.batch_sh)
                 state, metrics = run.step_fn(state, run.frozen, batch)
                 step += 1
@@ -356,13 +369,17 @@ class _Loop:
 
 
 def export_live(configs: Mapping[str, dict], variant: str, params: Any, base: Mapping[str, str],
-                names: tuple[str, ...], folder: pathlib.Path) -> pathlib.Path | None:
+                names: tuple[str, ...], folder: pathlib.Path, scheduler: str | None = None) -> pathlib.Path | None:
     """Write the trained models in the official layout (process 0); the frozen base is re-read in fp32 so the
-    SD weights in the exported UNet are the base's exact values, not the compute-dtype copy used in training."""
+    SD weights in the exported UNet are the base's exact values, not the compute-dtype copy used in training.
+    `scheduler`: a scheduler config written to `scheduler/` beside the folder (the colorization release layout)."""
     trained = sharding.to_host(params)                 # collective: every host takes part
     if jax.process_index() != 0:
         return None
     fp32 = build_models(configs, variant)
     unet_frozen = load_frozen(fp32, base, names, kinds=(UNET,))[UNET]
     unet = trainable_split.merge(unet_frozen, trained[UNET])
-    return export_pytorch((fp32.unet, unet), (fp32.controlnet, trained[CONTROLNET]), folder)
+    out = export_pytorch((fp32.unet, unet), (fp32.controlnet, trained[CONTROLNET]), folder)
+    if scheduler:
+        write_scheduler_beside(out, scheduler)
+    return out

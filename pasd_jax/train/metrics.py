@@ -1,7 +1,9 @@
-"""Run monitoring: one JSON object per logged step in `metrics.jsonl`, TensorBoard events, a progress bar.
+"""Run monitoring: one JSON object per logged step in `metrics.jsonl`, TensorBoard events, a progress bar, and
+the bad training records by name in `bad_data.jsonl`.
 
-Only process 0 writes. The JSON file is appended to, so a resumed run continues the same file; readers keep the
-last row of a step if a crash made a step appear twice.
+Only process 0 writes the metrics. The JSON files are appended to, so a resumed run continues the same files;
+readers keep the last row of a step if a crash made a step appear twice. Each host names the bad records of its
+own data shard (`bad_data.jsonl` on process 0, `bad_data.process_N.jsonl` on the others).
 """
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 METRICS_FILE = "metrics.jsonl"
+BAD_DATA_FILE = "bad_data.jsonl"
 TB_DIR = "tb"
+SHOWN_PER_KIND = 3
 
 
 class MetricsWriter:
@@ -70,3 +74,29 @@ def read_metrics(workdir: str | os.PathLike) -> dict[int, dict[str, float]]:
             row = json.loads(line)
             out[int(row["step"])] = row
     return out
+
+
+class BadDataLog:
+    """Every skipped record as a line of `bad_data.jsonl` ({step, reason, record, detail}); the first few of each
+    reason also as a message, so a run's log names the files behind its `skipped/*` counts."""
+
+    def __init__(self, workdir: str | os.PathLike, message: Callable[[str], None], *, process_index: int = 0):
+        suffix = "" if process_index == 0 else f".process_{process_index}"
+        self.path = pathlib.Path(workdir) / BAD_DATA_FILE.replace(".jsonl", f"{suffix}.jsonl")
+        self.message = message
+        self.shown: dict[str, int] = {}
+
+    def add(self, step: int, records: list[Mapping[str, str]]) -> None:
+        if not records:
+            return
+        with open(self.path, "a") as f:
+            for r in records:
+                f.write(json.dumps({"step": int(step), **r}) + "\n")
+        for r in records:
+            n = self.shown.get(r["reason"], 0)
+            self.shown[r["reason"]] = n + 1
+            if n < SHOWN_PER_KIND:
+                self.message(f"skipped a bad training record ({r['reason']}) at step {step}: {r['record']}"
+                             + (f" ({r['detail']})" if r.get("detail") else ""))
+            elif n == SHOWN_PER_KIND:
+                self.message(f"further {r['reason']} records are listed only in {self.path}")
