@@ -120,15 +120,15 @@ def test_checksum_catches_edits(tmp_path):
 
 
 def test_failed_write_leaves_no_entry_and_still_loads(tiny_unet, tmp_path, monkeypatch):
-    import safetensors.numpy
+    from pasd_jax.convert import io
 
     cache = ConversionCache(tmp_path / "cache")
 
-    def broken(tensors, filename, metadata=None):
-        pathlib.Path(filename).write_bytes(b"partial")
+    def broken(f, arrays):  # the tensor data stops half-way
+        f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+    monkeypatch.setattr(io, "_write_tensors", broken)
     _, params = load_model_folder(tiny_unet, cache=cache)
     assert _entries(cache) == [] and list(cache.root.iterdir()) == []
     assert len(flatten_dict(params)) == 480

@@ -20,13 +20,15 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict
 
 from pasd_jax.convert.cache import ConversionCache, cached, config_digest, resolve_cache
 from pasd_jax.convert.family import LDM_CLIP, LDM_VAE, check_sd1
 from pasd_jax.convert.folders import (DIFFUSERS_STEMS, TEXT_ENCODER, TRANSFORMERS_STEMS, UNET, VAE,
                                       abstract_params, build_module, detect_kind, detect_unet_variant, style_of)
-from pasd_jax.convert.io import PathLike, WeightFileError, find_weight_file, load_weights, read_json
+from pasd_jax.convert.io import (PathLike, WeightFileError, aligned_copy, find_weight_file, load_weights,
+                                 read_json)
 from pasd_jax.convert.ldm import ASSETS_SD15, base_configs, ldm_to_diffusers
 from pasd_jax.convert.naming import torch_key
 from pasd_jax.convert.tree import torch_to_flax
@@ -130,14 +132,27 @@ def module_from_meta(meta: Mapping[str, Any], params: Any, *, dtype: Any = jnp.f
                         where=str(meta.get("source", "")))
 
 
+def _place_leaf(a: Any, dtype: np.dtype) -> jax.Array:
+    if isinstance(a, jax.Array):
+        return a if a.dtype == dtype else a.astype(dtype)
+    a = np.asarray(a)
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        a = aligned_copy(a, dtype)  # one host copy, in the target dtype, that the CPU device can alias
+    return jax.device_put(a)
+
+
 def to_device(params: Any, param_dtype: Any) -> Any:
-    """numpy leaves -> jax arrays in the parameter dtype."""
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=param_dtype), params)
+    """numpy leaves -> jax arrays in the parameter dtype, leaf by leaf.
+
+    On the CPU backend a 64-byte aligned host array of the right dtype (a mapped cache entry, a converted tree) is
+    aliased, not copied, so the weights exist once; a leaf of another dtype costs one copy of that leaf only."""
+    dtype = np.dtype(param_dtype)
+    return jax.tree_util.tree_map(lambda a: _place_leaf(a, dtype), params)
 
 
 def _folder_convert(folder: pathlib.Path, config: Mapping[str, Any], kind: str, weights: pathlib.Path):
     def convert():
-        state = load_weights(weights)
+        state = load_weights(weights, mapped=True)  # views of the file: the source is never copied whole
         if kind == UNET:
             check_sd1(state, what=str(weights))
         variant = detect_unet_variant(state) if kind == UNET else PASD
@@ -205,7 +220,7 @@ def convert_single_file(path: PathLike, configs: Mapping[str, Mapping[str, Any] 
         return out
 
     def convert():
-        state = load_weights(path)
+        state = load_weights(path, mapped=True)
         return ldm_to_diffusers(state, unet_config=configs[UNET] if UNET in wanted else None,
                                 vae_config=configs[VAE] if VAE in wanted else None,
                                 text_config=configs[TEXT_ENCODER] if TEXT_ENCODER in wanted else None,

@@ -21,13 +21,12 @@ import json
 import logging
 import os
 import pathlib
-import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from pasd_jax.convert.io import PathLike, WeightFileError, load_safetensors, safetensors_metadata
+from pasd_jax.convert.io import PathLike, WeightFileError, map_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +64,8 @@ def _flat(params: Any) -> dict[str, np.ndarray]:
 
 
 def _atomic_save(flat: Mapping[str, np.ndarray], path: pathlib.Path, metadata: Mapping[str, str]) -> None:
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp), metadata=dict(metadata))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # streamed tensor by tensor: the tree is never held a second time as one serialised buffer
+    write_safetensors(flat, path, metadata)
 
 
 def save_flax_params(path: PathLike, params: Any, meta: Mapping[str, Any],
@@ -89,11 +80,14 @@ def save_flax_params(path: PathLike, params: Any, meta: Mapping[str, Any],
 
 
 def load_flax_params(path: PathLike) -> tuple[dict, dict[str, Any], dict[str, str]]:
-    """(numpy param tree, meta, raw metadata) of a file written by `save_flax_params`; verifies the checksum."""
+    """(numpy param tree, meta, raw metadata) of a file written by `save_flax_params`; verifies the checksum.
+
+    The leaves are read-only views of a memory map of the file (no host copy; see `io.map_safetensors`)."""
     path = pathlib.Path(path)
     try:
-        metadata = safetensors_metadata(path)
-        flat = load_safetensors(path)
+        mapped = map_safetensors(path)
+        metadata = mapped.metadata
+        flat = dict(mapped)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a bad entry
         raise CacheEntryError(f"{path}: unreadable Flax weight file ({e})") from e
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:

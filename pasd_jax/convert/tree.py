@@ -12,6 +12,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from pasd_jax.errors import WeightFileError
 
+from pasd_jax.convert.io import aligned_copy
 from pasd_jax.convert.naming import DIFFUSERS, to_flax_layout, to_torch_layout, torch_key, torch_shape
 
 # Pre-0.14 diffusers VAE checkpoints (e.g. the original SD1.5 release) name the attention projections differently.
@@ -57,7 +58,7 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract: Any, *, style: str 
             mis_shaped.append(f"{src_key}: checkpoint {tuple(arr.shape)}, model expects "
                               f"{torch_shape(path, tuple(leaf.shape))}")
             continue
-        out[path] = conv.astype(dtype or leaf.dtype)
+        out[path] = aligned_copy(conv, dtype or leaf.dtype)  # C order, aliasable by the CPU device
     unexpected = sorted(k for k in state if k not in used and not ignore(k))
     if missing or unexpected or mis_shaped:
         parts = [f"{what}: the checkpoint does not match the model config"]
