@@ -56,7 +56,10 @@ class FakePipeline:
     """Records what the session asks the sampler for and returns its input (no model, no compile)."""
 
     def __init__(self, fail: Exception | None = None):
-        self.fail, self.calls, self.trace_count = fail, [], 0
+        self.fail, self.calls, self.trace_count, self.released = fail, [], 0, 0
+
+    def release(self):
+        self.released += 1
 
     def sample(self, images, prompts, negative_prompts, keys, options, *, on_step=None):
         self.calls.append((images, prompts, negative_prompts, np.asarray(keys), options))
@@ -130,18 +133,38 @@ def test_other_sampler_errors_are_not_disguised(tmp_path):
     assert session.run(_image(tmp_path / "photo.png"), Settings(process_size=64)).seed == 0
 
 
-def test_colorize_runs_once_the_sampler_supports_it(tmp_path):
-    session, pipe = _session(tmp_path)
+def test_colorize_uses_its_own_scheduler_pipeline_and_prompt_rules(tmp_path):
+    made = []
+
+    def make(scheduler):
+        made.append((scheduler, FakePipeline()))
+        return made[-1][1]
+
+    session, sr_pipe = _session(tmp_path, colorize_scheduler=tmp_path / "scheduler", make_pipeline=make)
     path = _image(tmp_path / "old.png", 64, 48)
-    try:
-        tasks.prepare(tasks.COLORIZE, np.zeros((48, 64, 3), np.uint8), 1, 64)
-    except NotImplementedError:
-        with pytest.raises(AppError, match="colorize task is not supported by this version of the sampler"):
-            session.run(path, Settings(task="colorize", process_size=64))
-        return
-    result = session.run(path, Settings(task="colorize", process_size=64, negative_prompt="ignored"))
-    assert result.image.shape == (48, 64, 3)
-    assert pipe.calls[-1][2] == ["b&w, color bleeding"]  # the official grayscale negative prompt
+    settings = Settings(task="colorize", upscale=3, process_size=64, prompt="a black and white photo",
+                        added_prompt=tasks.default_added_prompt("colorize"),
+                        negative_prompt=tasks.default_negative_prompt("colorize"))
+    result = session.run(path, settings)
+    assert [m[0] for m in made] == [tmp_path / "scheduler"] and not sr_pipe.calls
+    images, prompts, negatives, _, _ = made[0][1].calls[0]
+    assert images.shape == (1, 64, 80, 3)  # gray input, short side to 64, upscale ignored
+    assert np.ptp(images[0].astype(int), axis=-1).max() == 0  # the sampler sees a gray image
+    assert prompts == ["a color photo, "] and negatives == ["b&w, color bleeding"]
+    assert result.image.shape == (48, 64, 3)  # the input's size
+    assert session.run(path, Settings(process_size=64)).image.shape == (48, 64, 3) and sr_pipe.calls
+    assert sr_pipe.released == 1 and made[0][1].released == 1  # one copy of the weights on the device at a time
+    with_added = session.run(path, settings.replace(added_prompt="vivid", added_prompt_separator=True))
+    assert with_added.prompt == "a color photo, vivid" and sr_pipe.released == 2
+
+
+def test_colorize_needs_a_colorization_checkpoint(tmp_path):
+    session, _ = _session(tmp_path)
+    with pytest.raises(AppError, match="start the app with a colorization checkpoint"):
+        session.run(_image(tmp_path / "old.png"), Settings(task="colorize", process_size=64))
+    tiny, pipe = _session(tmp_path, tiny=True)  # the random models colorize with the base scheduler
+    assert tiny.run(_image(tmp_path / "old.png"), Settings(task="colorize", process_size=64)).name == "old.png"
+    assert len(pipe.calls) == 1
 
 
 def test_classification_needs_its_weights(tmp_path):

@@ -31,9 +31,10 @@ from PIL import Image
 from pasd_jax import image_ops
 from pasd_jax.errors import PasdError
 from pasd_jax.image_io import ImageReadError, read_image, write_image
-from pasd_jax.prompts import NoneProvider, ObservationCache, PromptFn, classification_provider, negative_prompt_for
+from pasd_jax.prompts import NoneProvider, ObservationCache, PromptFn, classification_provider
 from pasd_jax.sampling import tasks
-from pasd_jax.sampling.loading import Loaded, load_for_sampling
+from pasd_jax.convert.io import WeightFileError
+from pasd_jax.sampling.loading import Loaded, load_for_sampling, scheduler_beside_checkpoint
 from pasd_jax.sampling.pipeline import PASDPipeline
 from pasd_jax.sampling.runner import image_key
 from pasd_jax.app.presets import SAMPLE_DEFAULTS, Settings
@@ -68,15 +69,25 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class Session:
-    """The loaded models, one `PASDPipeline` and its compiled programs, and a lock: one job on the device at once."""
+    """The loaded models, a `PASDPipeline` per task and their compiled programs, and a lock: one job on the device
+    at a time.
+
+    Colorization samples with the scheduler beside the checkpoint (the official grayscale mode, as `pasd-sample
+    --task colorize`), so it has a pipeline of its own, built on its first request. Only the pipeline in use keeps
+    the weights on the device (switching task re-places them; compiled programs are kept)."""
 
     def __init__(self, loaded: Loaded, *, tiny: bool = False, classifier: Any = None,
                  max_megapixels: float = 16.0, output_dir: str | pathlib.Path | None = None,
-                 pipeline: Any = None):
+                 pipeline: Any = None, colorize_scheduler: str | pathlib.Path | None = None,
+                 make_pipeline: Callable[[Any], Any] | None = None):
         self.loaded = loaded
         self.tiny = tiny
-        self.pipe = pipeline if pipeline is not None else PASDPipeline(
-            loaded.models, loaded.params, loaded.scheduler_config, loaded.tokenizer_dir)
+        self._make_pipeline = make_pipeline or (lambda scheduler: PASDPipeline(
+            loaded.models, loaded.params, scheduler, loaded.tokenizer_dir))
+        self.pipe = pipeline if pipeline is not None else self._make_pipeline(loaded.scheduler_config)
+        self.colorize_scheduler = colorize_scheduler
+        self._pipes = {tasks.SR: self.pipe}
+        self._active = self.pipe
         self.providers = {"none": NoneProvider()}
         if classifier is not None:
             self.providers["classification"] = classifier
@@ -85,6 +96,22 @@ class Session:
         self.output_dir = pathlib.Path(output_dir or tempfile.mkdtemp(prefix="pasd-app-"))
         self._outputs: collections.deque[pathlib.Path] = collections.deque()
         self._lock = threading.Lock()
+
+    def pipeline(self, task: str) -> Any:
+        """The task's pipeline; the tiny models colorize with the base scheduler (they have no release folder)."""
+        task = tasks.resolve(task)
+        if task not in self._pipes:
+            if self.colorize_scheduler is None and not self.tiny:
+                raise AppError("colorization samples with the scheduler/ folder beside the checkpoint (the release "
+                               "has pasd_light_color/scheduler next to checkpoint-180000), and this checkpoint has "
+                               "none: start the app with a colorization checkpoint")
+            self._pipes[task] = (self.pipe if self.colorize_scheduler is None
+                                 else self._make_pipeline(self.colorize_scheduler))
+        pipe = self._pipes[task]
+        if pipe is not self._active and hasattr(self._active, "release"):
+            self._active.release()  # one copy of the weights on the device
+        self._active = pipe
+        return pipe
 
     @classmethod
     def load(cls, ckpt: str | None = None, *, base: str | None = None, personalized: str | None = None,
@@ -102,7 +129,11 @@ class Session:
             return cls(load_tiny(), tiny=True, classifier=classifier, **kwargs)
         loaded = load_for_sampling(ckpt, base=base, personalized=personalized, blending_alpha=blending_alpha,
                                    lora=lora, lora_multiplier=lora_multiplier, cache=cache)
-        return cls(loaded, tiny=False, classifier=classifier, **kwargs)
+        try:
+            colorize_scheduler = scheduler_beside_checkpoint(ckpt)
+        except WeightFileError:
+            colorize_scheduler = None  # an SR checkpoint: a colorize request says what is missing
+        return cls(loaded, tiny=False, classifier=classifier, colorize_scheduler=colorize_scheduler, **kwargs)
 
     @property
     def defaults(self) -> Settings:
@@ -115,13 +146,15 @@ class Session:
     def prompt_sources(self) -> tuple[str, ...]:
         return tuple(self.providers)
 
-    def prompt_fn(self, settings: Settings) -> PromptFn:
+    def prompt_fn(self, settings: Settings) -> Callable[[Image.Image, str], str]:
+        """As `pasd-sample` builds it: the task's prompt rules, then (colorization) a given added prompt."""
         provider = self.providers.get(settings.high_level_info)
         if provider is None:
             raise AppError(f"prompt source {settings.high_level_info!r} is not available: start the app with "
                            "--classifier-weights (torchvision ResNet-50 .safetensors) for classification")
-        return PromptFn(provider, settings.prompt, settings.added_prompt, settings.added_prompt_separator,
-                        tasks.control_type(settings.task), self.observations)
+        fn = PromptFn(provider, settings.prompt, settings.added_prompt, settings.added_prompt_separator,
+                      tasks.control_type(settings.task), self.observations)
+        return tasks.with_added_prompt(settings.task, fn, settings.added_prompt, settings.added_prompt_separator)
 
     def run(self, path: str | pathlib.Path, settings: Settings, *, name: str | None = None,
             on_step: StepCallback | None = None) -> Result:
@@ -134,10 +167,11 @@ class Session:
             rgb = self._read(path, name)
             prepared, size = self._prepare(rgb, settings)
             prompt = self.prompt_fn(settings)(Image.fromarray(rgb, "RGB"), name)
-            negative = negative_prompt_for(tasks.control_type(settings.task), settings.negative_prompt)
-            traces = self.pipe.trace_count
+            negative = settings.negative_prompt  # as given: the page fills in the task's default
+            pipe = self.pipeline(settings.task)
+            traces = pipe.trace_count
             try:
-                out = self.pipe.sample(prepared.lq[None], [prompt], [negative], image_key(settings.seed, name)[None],
+                out = pipe.sample(prepared.lq[None], [prompt], [negative], image_key(settings.seed, name)[None],
                                        settings.options(), on_step=on_step)[0]
             except Exception as e:  # noqa: BLE001 - device OOM comes as a runtime error; keep serving after it
                 if is_out_of_memory(e):
@@ -148,7 +182,7 @@ class Session:
             before = image_ops.pil_resize(prepared.original, (final.shape[1], final.shape[0]), Image.BICUBIC)
             png = self._write(final, name, settings)
             return Result(final, before, png, prompt, negative, settings.seed, time.perf_counter() - t0,
-                          self.pipe.trace_count > traces, size, name)
+                          pipe.trace_count > traces, size, name)
 
     def _read(self, path: pathlib.Path, name: str) -> np.ndarray:
         try:
@@ -166,10 +200,7 @@ class Session:
         if size[0] * size[1] > self.max_pixels:
             raise AppError(f"the processed image would be {size[0]}x{size[1]} pixels, over this server's limit of "
                            f"{self.max_pixels / 1e6:g} megapixels: lower the upscale or use a smaller image")
-        try:
-            return tasks.prepare(settings.task, rgb, settings.upscale, settings.process_size), size
-        except NotImplementedError as e:
-            raise AppError(f"the {settings.task} task is not supported by this version of the sampler yet") from e
+        return tasks.prepare(settings.task, rgb, settings.upscale, settings.process_size), size
 
     def _write(self, image: np.ndarray, name: str, settings: Settings) -> pathlib.Path:
         self.output_dir.mkdir(parents=True, exist_ok=True)

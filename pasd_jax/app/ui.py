@@ -14,7 +14,6 @@ from typing import Any
 from pasd_jax.app import views
 from pasd_jax.app.presets import OFFICIAL_DEMO, Settings
 from pasd_jax.app.service import AppError, Session
-from pasd_jax.prompts import GRAYSCALE_NEGATIVE_PROMPT
 from pasd_jax.sampling import tasks
 from pasd_jax.sampling.options import DTYPES
 from pasd_jax.schedulers import SCHEDULER_KINDS
@@ -133,7 +132,7 @@ def build(session: Session):
                                  elem_id="pasd-input", height=110)
                 shown = gr.Image(label="Input", interactive=False, height=220, format="png", elem_id="pasd-preview",
                                  buttons=[])
-                task = gr.Radio(TASK_CHOICES, value=d.task, label="Task")
+                task = gr.Radio(TASK_CHOICES, value=d.task, label="Task", info=_task_info(session))
                 prompt = gr.Textbox(label="Prompt", value=d.prompt, elem_id="pasd-prompt",
                                     placeholder="optional: what the image shows")
                 added = gr.Textbox(label="Added prompt", value=d.added_prompt)
@@ -196,15 +195,21 @@ def build(session: Session):
                                          high_level_info="classification" if "classification" in
                                          session.prompt_sources else "none")
         demo_btn.click(lambda: widget_values(official), None, widgets, queue=False)
-        task.change(_task_changed(d), task, [negative, upscale], queue=False)
+        task.input(_task_changed, task, [added, negative, upscale], queue=False)
     return demo
 
 
-def _task_changed(d: Settings):
+def _task_info(session: Session) -> str | None:
+    if session.tiny:
+        return None
+    if session.colorize_scheduler is None:
+        return "colorization needs a colorization checkpoint (pasd_light_color, with its scheduler/ beside it)"
+    return "colorization samples with the scheduler beside the checkpoint, as pasd-sample --task colorize does"
+
+
+def _task_changed(task: str):
+    """The task's own prompt defaults (as `pasd-sample --task`); colorization keeps the input size."""
     import gradio as gr
 
-    def changed(task: str):
-        if task == tasks.COLORIZE:  # the official grayscale mode: fixed negative prompt, no upscale
-            return gr.update(value=GRAYSCALE_NEGATIVE_PROMPT), gr.update(value=1, interactive=False)
-        return gr.update(value=d.negative_prompt), gr.update(interactive=True)
-    return changed
+    return (gr.update(value=tasks.default_added_prompt(task)), gr.update(value=tasks.default_negative_prompt(task)),
+            gr.update(value=1, interactive=False) if task == tasks.COLORIZE else gr.update(interactive=True))
