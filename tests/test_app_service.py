@@ -229,3 +229,15 @@ def test_cli_binds_to_loopback_and_limits_uploads():
     assert (kw["server_name"], kw["server_port"], kw["max_file_size"]) == ("0.0.0.0", 9000, "3mb")
     with pytest.raises(AppError, match="give --ckpt too"):
         Session.load(None, base="somewhere")
+
+
+def test_page_queues_runs_one_at_a_time(tmp_path):
+    pytest.importorskip("gradio", reason="the page needs the ui extra: pip install -e \".[ui]\"")
+    from pasd_jax.app import ui
+
+    session, _ = _session(tmp_path)
+    demo = ui.build(session)
+    runs = [fn for fn in demo.fns.values() if fn.name == "run"]
+    assert len(runs) == 1 and runs[0].queue and runs[0].concurrency_limit == 1
+    assert runs[0].concurrency_id == "device"
+    assert all(not fn.queue for fn in demo.fns.values() if fn.name == "preview")  # instant, never behind a job
