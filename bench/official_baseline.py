@@ -5,6 +5,10 @@ SD1.5 configs (`sd15_configs/`) and wheels of diffusers 0.29.2 / huggingface_hub
 a separate site dir); `bench/prepare_official.sh` documents how it is assembled. The models get random weights.
 
     python bench/official_baseline.py --sizes 512 768 --dtype float16 --out official.json
+    .torchenv/bin/python bench/official_baseline.py --sizes 256 512 --dtype float32 --loop-steps 0 --threads 2  # CPU
+
+On the CPU it reports the process's peak resident memory (weights + activations) beside the step times; this is the
+baseline `bench/bench_step.py --compare-official` alternates with (torch threads = the CPUs it may use).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import datetime
 import json
 import os
 import pathlib
+import resource
 import statistics
 import sys
 import time
@@ -31,6 +36,15 @@ def _import_official(root: pathlib.Path):
     return UNet2DConditionModel, ControlNetModel
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _timed(fn, sync, repeats: int, warmup: int = 2) -> dict:
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -43,7 +57,8 @@ def _timed(fn, sync, repeats: int, warmup: int = 2) -> dict:
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return {"first_calls_s": first, "median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+    return {"first_calls_s": first, "median_s": statistics.median(times), "min_s": min(times), "repeats": repeats,
+            "times_s": times}
 
 
 def main() -> None:
@@ -53,13 +68,18 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768])
     p.add_argument("--dtype", default="float16")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--loop-steps", type=int, default=20)
+    p.add_argument("--loop-steps", type=int, default=20, help="0 skips the sampling-loop timing")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the usable CPUs)")
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(mode='max-autotune-no-cudagraphs')")
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
+    t_start = time.perf_counter()
     import torch
     from diffusers import UniPCMultistepScheduler
+
+    torch.set_num_threads(a.threads or len(os.sched_getaffinity(0)))
 
     root = pathlib.Path(a.root)
     UNet, ControlNet = _import_official(root)
@@ -72,8 +92,10 @@ def main() -> None:
     unet = UNet.from_config(unet_cfg)
     controlnet = ControlNet.from_unet(unet)
     unet, controlnet = (m.to(device=device, dtype=dtype).eval() for m in (unet, controlnet))
+    load_s = time.perf_counter() - t_start
+    rss_loaded = _rss_bytes()
     ctx_dim = unet_cfg.get("cross_attention_dim", 768)
-    sched = UniPCMultistepScheduler.from_pretrained(str(cfg_dir / "scheduler"))
+    sched = UniPCMultistepScheduler.from_pretrained(str(cfg_dir / "scheduler")) if a.loop_steps else None
 
     def step_fn(latents, t, ctx, cond):
         x = torch.cat([latents] * 2)
@@ -94,7 +116,8 @@ def main() -> None:
             t = torch.tensor(500, device=device)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            step = _timed(lambda: step_fn(latents, t, ctx, cond), sync, a.repeats)
+            load0 = os.getloadavg()[0]
+            step = _timed(lambda: step_fn(latents, t, ctx, cond), sync, a.repeats, warmup=a.warmup)
 
             def loop():
                 sched.set_timesteps(a.loop_steps)
@@ -103,10 +126,12 @@ def main() -> None:
                     z = sched.step(step_fn(z, ts, ctx, cond), ts, z, return_dict=False)[0]
                 return z
 
-            loop_t = _timed(loop, sync, max(1, a.repeats // 5), warmup=1)
             entry = {"size": size, "step_ms": 1000 * step["median_s"], "step": step,
-                     f"loop_{a.loop_steps}_s": loop_t["median_s"], "loop": loop_t,
+                     "load_avg": [load0, os.getloadavg()[0]], "peak_rss_bytes": _peak_rss_bytes(),
                      "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None}
+            if a.loop_steps:
+                loop_t = _timed(loop, sync, max(1, a.repeats // 5), warmup=1)
+                entry.update({f"loop_{a.loop_steps}_s": loop_t["median_s"], "loop": loop_t})
             if a.compile:
                 compiled = torch.compile(step_fn, mode="max-autotune-no-cudagraphs")
                 entry["compiled_step"] = _timed(lambda: compiled(latents, t, ctx, cond), sync, a.repeats)
@@ -114,7 +139,9 @@ def main() -> None:
             results.append(entry)
     out = {"benchmark": "official_pasd_step", "dtype": a.dtype, "device": device,
            "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "torch": torch.__version__, "date": datetime.date.today().isoformat(), "results": results}
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "cpu_count": len(os.sched_getaffinity(0)), "date": datetime.date.today().isoformat(), "load_s": load_s,
+           "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": _peak_rss_bytes(), "results": results}
     text = json.dumps(out, indent=2)
     print(text)
     if a.out:
