@@ -40,7 +40,8 @@ def vae_as_unet(golden_dir, tmp_path):
 
 
 def test_import_of_a_vae_folder_says_what_it_found(vae_as_unet, golden_dir, tmp_path, capsys):
-    cases = ((vae_as_unet, f"{vae_as_unet / 'unet'} holds a VAE (config.json: AutoencoderKL), but expected a PASD UNet"),
+    cases = ((vae_as_unet,
+              f"{vae_as_unet / 'unet'} holds a VAE (config.json: AutoencoderKL), but expected a PASD UNet"),
              (golden_dir / "tiny_pipeline" / "vae", "(it is a VAE model folder (config.json: AutoencoderKL)): expected "
               "unet/ and controlnet/"),
              (golden_dir / "tiny_pipeline", "(it is a Stable Diffusion pipeline folder (text_encoder/, vae/): that is "
@@ -153,6 +154,7 @@ def _wait_for_training(proc, work, timeout=240) -> list[int]:
 @pytest.mark.slow
 def test_sigkilled_trainer_leaves_no_worker(tmp_path):
     proc = _trainer(tmp_path / "run", "--config.steps=100000", "--config.checkpoint_every=100000")
+    kids: list[int] = []
     try:
         kids = _wait_for_training(proc, tmp_path / "run")
         proc.send_signal(signal.SIGKILL)
@@ -164,10 +166,11 @@ def test_sigkilled_trainer_leaves_no_worker(tmp_path):
         print(f"children {kids}; alive {time.time() - t0:.1f}s after SIGKILL: {left}")
         assert not left, "Grain workers outlived their trainer"  # today: still there minutes later, parent 1
     finally:
-        for p in _alive(_children(proc.pid) if proc.poll() is None else []):
-            os.kill(p, signal.SIGKILL)
         if proc.poll() is None:
+            kids += _children(proc.pid)
             proc.kill()
+        for p in _alive(kids):  # never leave a test's orphans behind
+            os.kill(p, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -27,9 +27,10 @@ from data_pipeline.sources import FolderSource
 from pasd_jax.errors import DataError
 from pasd_jax.train import layout as layout_lib
 from pasd_jax.train import loop
-from pasd_jax.train.metrics import BAD_DATA_FILE, read_metrics
+from pasd_jax.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+BAD_DATA_FILE = "bad_data.jsonl"  # (documented in the README; pasd_jax.train.metrics.BAD_DATA_FILE)
 
 
 def _png(size: int, seed: int) -> bytes:
