@@ -234,7 +234,10 @@ def resize_bilinear_no_antialias(x: Any, size: Sequence[int], axes: tuple[int, i
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics (numpy, host)
+# Metrics (numpy, host): the project's one PSNR/SSIM arithmetic; `pasd_jax.evaluate.psnr_ssim` adds the Real-ISR
+# conventions (Y channel, cropped border) and its errors on top, and matches basicsr 1.4.2 to 1e-14.
+
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
@@ -243,7 +246,7 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2
     g = np.exp(-x ** 2 / (2 * sigma ** 2))
     return g / g.sum()
@@ -265,8 +268,8 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
         raise ValueError(f"ssim needs equal shapes, got {a.shape} and {b.shape}")
     if a.ndim == 2:
         a, b = a[..., None], b[..., None]
-    if min(a.shape[0], a.shape[1]) < 11:
-        raise ValueError(f"ssim needs images of at least 11x11, got {a.shape[:2]}")
+    if min(a.shape[0], a.shape[1]) < SSIM_WINDOW:
+        raise ValueError(f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {a.shape[:2]}")
     g = _gaussian_window()
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     values = []

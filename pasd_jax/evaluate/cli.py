@@ -4,6 +4,9 @@ PASD's Table 1 (PSNR/SSIM on the Y channel, LPIPS, FID, DISTS, MUSIQ, NIQE, QAli
   pasd-evaluate --pred results/ --gt DIV2K_val/HR --out report/
   pasd-evaluate --pred PASD=out/pasd --pred SD-x4=out/sdx4 --gt RealSR/HR --lq RealSR/LR \\
       --metrics table1 --crop-border 4 --grid --out report/
+  pasd-evaluate sweep --ckpt CKPT --base SD15 --lq RealSR/LR --gt RealSR/HR --levels 100 300 500 700 900 \\
+      --out sweep/        (sample at each ANS level and plot fidelity and perceptual quality against it;
+                           `pasd-evaluate sweep --help`; `pasd-evaluate report ...` is the first form)
 
 Predictions pair with ground truths by relative path without suffix (`a/0801.png` <-> `a/0801.jpg`), else by a
 unique file stem. Each pair is scored and written to per_image.csv as it goes; metrics.json holds the mean, every
@@ -28,12 +31,13 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
+from pasd_jax.errors import PasdError
 from pasd_jax.evaluate.errors import EvaluationError
 from pasd_jax.evaluate.learned import DOWNLOAD_HOOKS, Factory, pyiqa_factory
 from pasd_jax.evaluate.registry import DEFAULT_METRICS, METRICS, PYIQA, describe, parse_metrics
 from pasd_jax.evaluate.report import CSV_NAME, JSON_NAME, TABLE_NAME, CsvRows, markdown_table, write_summary
 from pasd_jax.evaluate.runner import Evaluation, Options, evaluate
-from pasd_jax.safe_write import OutputPathError, staged_write
+from pasd_jax.safe_write import staged_write
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,7 +123,14 @@ def _check(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None, *, factory: Factory | None = None,
          download_hooks: Sequence = DOWNLOAD_HOOKS) -> int:
-    """Run the evaluation; `factory` replaces pyiqa's scorers (tests inject stand-ins)."""
+    """Run the evaluation (or with `sweep` first, `sweep.main`); `factory` replaces pyiqa's scorers (tests inject
+    stand-ins)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        from pasd_jax.evaluate import sweep  # noqa: PLC0415 - imports JAX and the sampler, which reports do not need
+        return sweep.main(argv[1:], factory=factory, download_hooks=download_hooks)
+    if argv[:1] == ["report"]:
+        argv = argv[1:]
     args = _parser().parse_args(argv)
     if args.list_metrics:
         print(describe())
@@ -157,7 +168,7 @@ def main(argv: Sequence[str] | None = None, *, factory: Factory | None = None,
 
         out = staged_write(args.out, write, inputs=[*methods.values(), args.gt, args.lq],
                            overwrite=args.overwrite)
-    except (EvaluationError, OutputPathError, FileNotFoundError) as e:
+    except (PasdError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ev = done[0]

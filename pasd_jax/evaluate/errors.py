@@ -1,12 +1,18 @@
-"""Errors of the evaluation tools; each message names the problem and the fix, and the CLI prints it as one line."""
+"""Errors of the evaluation tools; each message names the problem and the fix, and the CLI prints it as one line.
+
+They are `pasd_jax.errors` classes (a `PasdError` and a `ValueError`), so every CLI of the project treats them the
+same way; the evaluation ones add what the report needs to tell apart (a pair skipped, a metric failed).
+"""
 from __future__ import annotations
 
+from pasd_jax import errors
 
-class EvaluationError(ValueError):
+
+class EvaluationError(errors.PasdError, ValueError):
     """Base of every evaluation error meant for the user."""
 
 
-class ImageReadError(EvaluationError):
+class ImageReadError(errors.ImageReadError, EvaluationError):
     """A file that cannot be decoded as an image."""
 
 
@@ -18,7 +24,7 @@ class MetricInputError(EvaluationError):
     """An image a metric cannot score (too small for its windows or blocks, no usable content)."""
 
 
-class UnknownMetricError(EvaluationError):
+class UnknownMetricError(errors.ConfigError, EvaluationError):
     """A `--metrics` name that is not in the metric table."""
 
 
@@ -28,3 +34,7 @@ class LearnedMetricError(EvaluationError):
 
 class MissingWeightsError(LearnedMetricError):
     """A learned metric whose weights are not on this machine and cannot be downloaded."""
+
+
+class MetricDependencyError(LearnedMetricError, errors.MissingDependencyError):
+    """A learned metric whose packages (pyiqa, torch or one they need) are not installed."""

@@ -57,18 +57,18 @@ def check_crop(crop: tuple[int, int, int], shape: tuple[int, ...]) -> tuple[int,
     return crop
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
         return ImageFont.load_default()
 
 
-def _fit(text: str, font: ImageFont.ImageFont, width: int) -> str:
+def fit_text(text: str, face: ImageFont.ImageFont, width: int) -> str:
     """`text`, shortened with an ellipsis to fit in `width` pixels."""
-    if font.getlength(text) <= width:
+    if face.getlength(text) <= width:
         return text
-    while text and font.getlength(text + "…") > width:
+    while text and face.getlength(text + "…") > width:
         text = text[:-1]
     return text + "…"
 
@@ -79,8 +79,8 @@ def comparison(panels: list[Panel], crop: tuple[int, int, int], width: int = 256
     h, w = ref.shape[:2]
     full_h = max(1, round(h * width / w))
     x, y, s = check_crop(crop, ref.shape)
-    font = _font(max(10, width // 20))
-    line = font.getbbox("Ag")[3] + 2
+    face = font(max(10, width // 20))
+    line = face.getbbox("Ag")[3] + 2
     col_h = full_h + _PAD + width + _PAD + 2 * line
     canvas = Image.new("RGB", (len(panels) * (width + _PAD) + _PAD, col_h + 2 * _PAD), _BG)
     draw = ImageDraw.Draw(canvas)
@@ -97,6 +97,6 @@ def comparison(panels: list[Panel], crop: tuple[int, int, int], width: int = 256
             draw.rectangle([left + round(x * fx), top + round(y * fy),
                             left + round((x + s) * fx) - 1, top + round((y + s) * fy) - 1], outline=_BOX, width=2)
         text_top = top + full_h + _PAD + width + _PAD
-        draw.text((left, text_top), _fit(panel.label, font, width), fill=(0, 0, 0), font=font)
-        draw.text((left, text_top + line), _fit(panel.note, font, width), fill=(60, 60, 60), font=font)
+        draw.text((left, text_top), fit_text(panel.label, face, width), fill=(0, 0, 0), font=face)
+        draw.text((left, text_top + line), fit_text(panel.note, face, width), fill=(60, 60, 60), font=face)
     return canvas

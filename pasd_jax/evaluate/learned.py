@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pasd_jax.evaluate.errors import LearnedMetricError, MissingWeightsError
+from pasd_jax.evaluate.errors import LearnedMetricError, MetricDependencyError, MissingWeightsError
 from pasd_jax.evaluate.registry import FULL_REFERENCE, SET_LEVEL, MetricSpec
 
 ImageScorer = Callable[[np.ndarray, "np.ndarray | None"], float]   # (pred, gt or None) uint8 RGB -> value
@@ -96,7 +96,7 @@ def explain_failure(spec: MetricSpec, error: BaseException, attempts: Sequence[A
             f"looked for {a.path}; on a machine with internet download {a.url} and place the file at that path, "
             f"then rerun (the other metrics are computed regardless)")
     if isinstance(error, ImportError):
-        return LearnedMetricError(f"{spec.name}: pyiqa needs a package that is not installed ({_short(error)}); "
+        return MetricDependencyError(f"{spec.name}: pyiqa needs a package that is not installed ({_short(error)}); "
                                   "pip install 'pasd-jax[eval]'")
     repo = HF_REPOS.get(spec.name)
     if repo and (isinstance(error, OSError) or "huggingface" in str(error).lower()):
@@ -146,7 +146,7 @@ def pyiqa_factory(device: str | None = None) -> Factory:
         reason = _short(e)
 
         def unavailable(spec: MetricSpec) -> Callable[..., float]:
-            raise LearnedMetricError(f"{spec.name} needs pyiqa and torch: pip install 'pasd-jax[eval]' ({reason})")
+            raise MetricDependencyError(f"{spec.name} needs pyiqa and torch: pip install 'pasd-jax[eval]' ({reason})")
 
         return unavailable
     for module_name, _, _ in DOWNLOAD_HOOKS:
