@@ -11,6 +11,7 @@ import dataclasses
 import io
 import math
 import pathlib
+import textwrap
 from typing import Sequence
 
 from PIL import Image, ImageDraw
@@ -77,18 +78,16 @@ def _matplotlib(levels: Sequence[int], series: Sequence[Series], title: str) -> 
         ax.tick_params(axis="y", colors=colour)
         for x, v in zip(levels, s.values):
             if v is None:
-                ax.annotate("n/a", (x, 0.5), xycoords=("data", "axes fraction"), color=colour, ha="center")
-        if all(v is None for v in s.values) and s.note:
-            ax.text(0.5, 0.1 + 0.08 * i, fit_note(s), transform=ax.transAxes, ha="center", color=colour,
+                ax.annotate("n/a", (x, 0.03 + 0.06 * i), xycoords=("data", "axes fraction"), color=colour,
+                            ha="center")
+        if all(v is None for v in s.values):
+            ax.set_yticks([])
+            note = textwrap.fill(f"{s.label} not computed: {s.note or 'no value'}", 70)
+            ax.text(0.5, 0.5 - 0.2 * i, note, transform=ax.transAxes, ha="center", va="center", color=colour,
                     fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def fit_note(s: Series, limit: int = 90) -> str:
-    text = f"{s.label}: {s.note}"
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 # --- PIL -----------------------------------------------------------------------------------------------------------
