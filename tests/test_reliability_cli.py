@@ -79,6 +79,12 @@ def test_misspelled_override_is_one_line_with_the_suggestion(tmp_path):
     assert proc.stderr.strip() == ("error: --config.optim.lrr=1e-3: the config has no field 'lrr'; did you mean "
                                    "'lr' (--config.optim.lr=1e-3)? (see --help)")
     assert not (tmp_path / "run").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "configs/no_such.py", "--workdir",
+                           str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, timeout=300, env=_env(),
+                          check=False)
+    print(proc.stderr)  # today: two chained OSError tracebacks (37 lines)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --config configs/no_such.py: no such config file; the shipped ones are configs/*.py (see --help)")
 
 
 def test_exit_codes_are_documented_in_help():

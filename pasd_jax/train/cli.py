@@ -16,6 +16,7 @@ Exit status:
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -62,7 +63,11 @@ def override_error(exc: BaseException, argv: list[str]) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing whose mistakes are one line on stderr (exit 2), not a traceback of ml_collections."""
     try:
-        return flags.FLAGS(argv)
+        args = flags.FLAGS(argv)
+        name = flags.FLAGS["config"].config_filename
+        if name and not os.path.isfile(name.split(":")[0]):  # (a traceback stays for errors inside the file)
+            raise flags.Error(f"--config {name}: no such config file; the shipped ones are configs/*.py")
+        return args
     except flags.Error as e:
         message = str(e)
     except (AttributeError, KeyError) as e:  # an override naming a field the config does not have
