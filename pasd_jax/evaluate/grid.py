@@ -100,3 +100,26 @@ def comparison(panels: list[Panel], crop: tuple[int, int, int], width: int = 256
         draw.text((left, text_top), fit_text(panel.label, face, width), fill=(0, 0, 0), font=face)
         draw.text((left, text_top + line), fit_text(panel.note, face, width), fill=(60, 60, 60), font=face)
     return canvas
+
+
+def with_caption(picture: Image.Image, lines: list[str], size: int = 14) -> Image.Image:
+    """`picture` with lines of text under it (a notice, the settings), each wrapped to the picture's width."""
+    face = font(size)
+    width = picture.width - 2 * _PAD
+    rows: list[str] = []
+    for text in lines:
+        row = ""
+        for word in text.split():
+            if row and face.getlength(f"{row} {word}") > width:
+                rows.append(row)
+                row = word
+            else:
+                row = f"{row} {word}".strip()
+        rows.append(row)
+    line = face.getbbox("Ag")[3] + 4
+    canvas = Image.new("RGB", (picture.width, picture.height + len(rows) * line + _PAD), _BG)
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, row in enumerate(rows):
+        draw.text((_PAD, picture.height + i * line), fit_text(row, face, width), fill=(160, 0, 0), font=face)
+    return canvas
