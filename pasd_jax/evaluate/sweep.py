@@ -91,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics", default="psnr_y,ssim_y", metavar="LIST",
                    help="more metrics for the report besides the two plotted (default: %(default)s); names and "
                    "sets as pasd-evaluate --list-metrics shows")
-    g.add_argument("--crop-border", type=int, default=0, metavar="N")
+    g.add_argument("--crop-border", type=int, default=0, metavar="N", help="pixels removed from each edge "
+                   "before PSNR/SSIM/NIQE (Real-ISR papers: the scale)")
+    g.add_argument("--dataset", metavar="NAME", help="dataset name in table.md and the plot (default: the GT "
+                   "folder's name)")
     g.add_argument("--grid", action="store_true", help="report/grid/<image>.png: LQ, every level and the GT")
     g.add_argument("--device", metavar="DEV", help="torch device for learned metrics")
     g.add_argument("--plotter", default="auto", choices=sweep_plot.PLOTTERS,
@@ -230,7 +233,7 @@ def main(argv: Sequence[str] | None = None, *, factory: Factory | None = None,
             "process_size": args.process_size, "color_fix": args.color_fix, "seed": args.seed,
             "prompt": args.prompt, "added_prompt": args.added_prompt, "negative_prompt": args.negative_prompt,
             "directions": {m: "higher" if METRICS[m].higher_is_better else "lower" for m in metrics}}
-        dataset = pathlib.Path(args.gt).resolve().name
+        dataset = args.dataset or pathlib.Path(args.gt).resolve().name
         done: list[Evaluation] = []
 
         def write_report(tmp: pathlib.Path) -> None:
