@@ -33,6 +33,7 @@ def _sharpness(pred, gt=None) -> float:
     return float(np.abs(np.diff(y, axis=0)).mean() + np.abs(np.diff(y, axis=1)).mean())
 
 
+@pytest.mark.slow  # 14-45 s on 2 shared cores, most of it the one compilation of the tiny sampler
 def test_sweep_one_program_for_every_level(golden_dir, shared_dir, tmp_path, monkeypatch, capsys):
     _data(shared_dir, tmp_path)
     made = []
@@ -159,3 +160,16 @@ def test_plot_both_axes_and_missing_values(tmp_path):
     if sweep_plot.have_matplotlib():
         assert sweep_plot.plot(tmp_path / "m.png", [100, 500, 900], series, "t", "matplotlib") == "matplotlib"
         assert Image.open(tmp_path / "m.png").format == "PNG"
+
+
+def test_cli_forms(tmp_path, capsys):
+    """`report` names the default form; --list-metrics needs no folders; sweep is its own parser."""
+    assert cli.main(["--list-metrics"]) == 0 and "niqe" in capsys.readouterr().out
+    assert cli.main(["report", "--list-metrics"]) == 0 and "table1" in capsys.readouterr().out
+    (tmp_path / "p").mkdir()
+    assert cli.main(["report", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "missing"),
+                     "--out", str(tmp_path / "r")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", "--pred", "x"])  # argparse: the sweep's required flags
+    assert "--ckpt" in capsys.readouterr().err

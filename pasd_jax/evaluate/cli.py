@@ -131,10 +131,10 @@ def main(argv: Sequence[str] | None = None, *, factory: Factory | None = None,
         return sweep.main(argv[1:], factory=factory, download_hooks=download_hooks)
     if argv[:1] == ["report"]:
         argv = argv[1:]
-    args = _parser().parse_args(argv)
-    if args.list_metrics:
+    if "--list-metrics" in argv:  # before parsing: it needs none of the required folders
         print(describe())
         return 0
+    args = _parser().parse_args(argv)
     try:
         _check(args)
         metrics = parse_metrics(args.metrics)
