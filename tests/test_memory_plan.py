@@ -1,0 +1,130 @@
+"""The memory plan: estimates from configs alone, and the switch to bounded attention / latent tiles under a budget
+set through the environment, or a message naming the size, the estimate and the flags that help."""
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from pasd_jax.convert.folders import build_module
+from pasd_jax.errors import ConfigError, PasdError
+from pasd_jax.models import attention
+from pasd_jax.models.bundle import Models
+from pasd_jax.models.config import controlnet_config_from_unet
+from pasd_jax.sampling import memory
+from pasd_jax.sampling.options import SamplingOptions
+from tests.conftest import REPO
+
+
+def _models(name: str) -> Models:
+    assets = REPO / "pasd_jax" / "assets" / name
+    cfg = {c: json.loads((assets / c / "config.json").read_text()) for c in ("unet", "vae", "text_encoder")}
+    return Models(build_module("unet", cfg["unet"]), build_module("controlnet", controlnet_config_from_unet(cfg["unet"])),
+                  build_module("vae", cfg["vae"]), build_module("text_encoder", cfg["text_encoder"]))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Models:
+    return _models("tiny")
+
+
+def test_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv(memory.ENV, "1.5G")
+    assert memory.budget_from_env() == int(1.5 * 2**30)
+    monkeypatch.setenv(memory.ENV, "800MB")
+    assert memory.budget_from_env() == 800 * 10**6
+    monkeypatch.setenv(memory.ENV, "off")
+    assert memory.budget_from_env() is None
+    monkeypatch.setenv(memory.ENV, "lots")
+    with pytest.raises(ConfigError, match="PASD_MEMORY_BUDGET='lots' is not a memory size"):
+        memory.budget_from_env()
+    monkeypatch.delenv(memory.ENV)
+    assert memory.budget_from_env("cpu") > 0  # host memory
+
+
+def test_request_that_fits_is_returned_unchanged(tiny, monkeypatch):
+    monkeypatch.setenv(memory.ENV, "64G")
+    opts = SamplingOptions(steps=4)
+    p = memory.plan(tiny, opts, 64, 64, backend="cpu")
+    print("\n" + p.message)
+    assert p.fits and p.options == opts and p.attention == "auto" and p.changes == ()
+    assert p.estimate_bytes == p.estimate.total and "within" in p.message
+    sizes = [memory.estimate(tiny, opts, s, s, backend="cpu").total for s in (64, 256, 1024)]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_small_budget_switches_to_latent_tiles(tiny, monkeypatch):
+    opts = SamplingOptions(steps=4)
+    untiled = memory.estimate(tiny, opts, 1024, 1024, backend="cpu")  # 128x128 latent: below 320^2, untiled
+    tiled = memory.estimate(tiny, SamplingOptions(steps=4, latent_tile_size=96, tile_batch=1), 1024, 1024,
+                            backend="cpu")
+    print(f"\n1024x1024 tiny: untiled {untiled.total / 1e6:.0f} MB, 96-latent tiles {tiled.total / 1e6:.0f} MB")
+    assert tiled.total < untiled.total and tiled.denoise < untiled.denoise
+    budget = int((tiled.total + untiled.total) / 2 / memory.HEADROOM)
+    monkeypatch.setenv(memory.ENV, str(budget))
+    p = memory.plan(tiny, opts, 1024, 1024, backend="cpu")
+    print(p.message)
+    assert p.fits and p.options.latent_tile_size == 96 and p.options.tile_batch == 1
+    assert "--latent-tile-size 96" in p.changes and p.estimate_bytes <= memory.HEADROOM * budget
+    assert p.options.steps == 4  # everything else as asked
+
+
+def test_small_budget_switches_attention_kernel(tiny, monkeypatch):
+    # make the plain kernel the host default again, so the plan has to choose the bounded one
+    monkeypatch.setattr(attention, "FLASH_MIN_BYTES", 1 << 60)
+    opts = SamplingOptions(steps=4)
+    plain = memory.estimate(tiny, opts, 512, 512, backend="cpu")
+    flash = memory.estimate(tiny, opts, 512, 512, backend="cpu", impl="flash")
+    print(f"\n512x512 tiny: xla attention {plain.attention / 1e6:.0f} MB, flash {flash.attention / 1e6:.1f} MB")
+    assert plain.attention == 2 * 8 * 4096 * 4096 * 4  # the CFG pair's fp32 scores of the 4096-token layers
+    budget = int((flash.total + plain.total) / 2 / memory.HEADROOM)
+    monkeypatch.setenv(memory.ENV, str(budget))
+    p = memory.plan(tiny, opts, 512, 512, backend="cpu")
+    print(p.message)
+    assert p.fits and p.attention == "flash" and p.changes == ("attention=flash",) and p.options == opts
+
+
+def test_nothing_fits_names_size_estimate_and_flags(tiny, monkeypatch):
+    monkeypatch.setenv(memory.ENV, "1MB")
+    p = memory.plan(tiny, SamplingOptions(steps=4), 1024, 768, backend="cpu")
+    print("\n" + p.message)
+    assert not p.fits
+    assert "768x1024" in p.message and f"{memory._gb(p.budget_bytes)} budget" in p.message
+    assert "--process-size" in p.message and "PASD_MEMORY_BUDGET" in p.message
+    assert "--latent-tile-size" in " ".join(p.changes) and "--dtype bfloat16" in p.changes
+    with pytest.raises(memory.MemoryPlanError) as e:
+        p.check()
+    assert isinstance(e.value, PasdError) and str(e.value) == p.message
+
+
+def test_sd15_2400x1600_is_planned_before_compiling():
+    """Issue 13.5: the untiled 300x200 latent with the plain kernel asked for 262 GB; the estimate shows it and
+    shows what the bounded kernel saves, from configs alone."""
+    sd = _models("sd15")
+    opts = SamplingOptions(dtype="bfloat16")
+    weights = 3_350_000_000  # bf16 SD1.5 + PASD: 1.676 G parameters (weight_bytes traces the modules: seconds)
+    plain = memory.estimate(sd, opts, 2400, 1600, backend="cpu", impl="xla", weights=weights)
+    auto = memory.estimate(sd, opts, 2400, 1600, backend="cpu", weights=weights)
+    print(f"\nSD1.5 2400x1600 bf16: plain attention {plain.total / 1e9:.0f} GB, auto (flash) {auto.total / 1e9:.1f} GB")
+    assert plain.total > 200e9  # 2 x 8 x 60000^2 fp32 scores: 230 GB
+    assert auto.total < 40e9 and auto.attention < 100e6
+    p = memory.plan(sd, opts, 2400, 1600, budget_bytes=8 * 2**30, backend="cpu", weights=weights)
+    assert not p.fits and "1600x2400" in p.message and "VAE" in p.message
+
+
+@pytest.mark.slow
+def test_step_estimate_tracks_compiled_temporaries(tiny):
+    """The denoising estimate against XLA's compiled temporaries of the tiny ControlNet + UNet step (CPU)."""
+    import jax
+
+    from bench.bench_step import make_step, step_inputs
+    from pasd_jax.convert.base import abstract_of
+
+    step = make_step(tiny.unet, tiny.controlnet)
+    ins = jax.eval_shape(lambda: step_inputs(256, 1, tiny.unet.config.cross_attention_dim, jnp.float32))
+    temp = step.lower(abstract_of(tiny.unet), abstract_of(tiny.controlnet), *ins).compile() \
+        .memory_analysis().temp_size_in_bytes
+    est, _ = memory.denoise_bytes(tiny, 2, 32, 32, "float32", "cpu")
+    print(f"\ntiny step at 256 px: estimate {est / 1e6:.1f} MB, compiled temporaries {temp / 1e6:.1f} MB")
+    assert 0.7 * temp <= est <= 1.5 * temp  # calibration: 22.7 MB compiled (flash kernel), estimate 22.5 MB
