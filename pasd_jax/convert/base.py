@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from pasd_jax.convert import progress
 from pasd_jax.convert.cache import ConversionCache, cached, config_digest, resolve_cache
 from pasd_jax.convert.family import LDM_CLIP, LDM_VAE, check_sd1
 from pasd_jax.convert.folders import (DIFFUSERS_STEMS, TEXT_ENCODER, TRANSFORMERS_STEMS, UNET, VAE,
@@ -157,7 +158,9 @@ def _folder_convert(folder: pathlib.Path, config: Mapping[str, Any], kind: str, 
             check_sd1(state, what=str(weights))
         variant = detect_unet_variant(state) if kind == UNET else PASD
         module = build_module(kind, config, variant=variant, keys=state.keys(), where=str(folder))
-        params = convert_state(module, kind, state, what=f"{kind} weights {weights}")
+        with progress.stage(str(folder), f"converting {weights.name} to the Flax layout", weights.stat().st_size,
+                            "convert"):
+            params = convert_state(module, kind, state, what=f"{kind} weights {weights}")
         ignored = sorted(k for k in state if k.endswith("position_ids"))
         return params, {"kind": kind, "config": dict(config), "variant": variant, "ignored": ignored,
                         "source": str(folder)}
@@ -233,7 +236,10 @@ def convert_single_file(path: PathLike, configs: Mapping[str, Mapping[str, Any] 
         log.info("%s: ignored %d non-weight key(s): %s", path, len(conv.ignored), ", ".join(conv.ignored[:20]))
     for comp in wanted:
         module = build_module(comp, configs[comp], variant=PLAIN)
-        params = convert_state(module, comp, getattr(conv, comp), what=f"{comp} of {path}")
+        source = getattr(conv, comp)
+        with progress.stage(str(path), f"converting the {comp} to the Flax layout",
+                            sum(int(v.nbytes) for v in source.values()), "convert"):
+            params = convert_state(module, comp, source, what=f"{comp} of {path}")
         meta = {"kind": comp, "config": dict(configs[comp]), "variant": PLAIN if comp == UNET else PASD,
                 "ignored": list(conv.ignored), "source": str(path)}
         if store:

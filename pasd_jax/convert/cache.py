@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from pasd_jax.convert import progress
 from pasd_jax.convert.io import PathLike, WeightFileError, map_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,9 @@ class ConversionCache:
         if not path.is_file():
             return None
         try:
-            params, meta, raw = load_flax_params(path)
+            with progress.stage(str(path.name), "reading and checking the converted weights", path.stat().st_size,
+                                "verify"):
+                params, meta, raw = load_flax_params(path)
             if raw.get("cache_key") != key or raw.get("converter") != CONVERTER_VERSION:
                 raise CacheEntryError(f"{path}: entry belongs to another key or converter version")
         except CacheEntryError as e:
@@ -204,8 +207,10 @@ class ConversionCache:
     def _store_at(self, path: pathlib.Path, key: str, params: Any, meta: Mapping[str, Any],
                   sources_note: str) -> pathlib.Path | None:
         try:
-            save_flax_params(path, params, meta, extra={"cache_key": key, "converter": CONVERTER_VERSION,
-                                                        "sources": sources_note})
+            nbytes = sum(int(np.asarray(x).nbytes) for x in flatten_dict(params).values())
+            with progress.stage(str(self.root), f"writing the converted weights {path.name}", nbytes, "write"):
+                save_flax_params(path, params, meta, extra={"cache_key": key, "converter": CONVERTER_VERSION,
+                                                            "sources": sources_note})
         except Exception as e:  # noqa: BLE001 - a cache that cannot be written must not stop a load
             log.warning("conversion cache: cannot write %s (%s); continuing without caching", path, e)
             return None
