@@ -25,6 +25,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     c.crop_size = 512
     c.random_flip = True
     c.degradation = PASD.to_dict()
+    c.pairs = "realesrgan"   # "grayscale": colorization pairs, gray crop -> colour crop (data_pipeline.color_pairs)
     # bad data: images with a short side below min_side are skipped; a record that fails is replaced by the
     # next one in source order, at most max_retries times in a row; probe_records are decoded at start-up.
     c.min_side = 32

@@ -22,6 +22,7 @@ import numpy as np
 from pasd_jax import image_io
 from data_pipeline import bad_data
 from data_pipeline.config import as_plain_dict
+from data_pipeline.color_pairs import PAIR_KINDS, gray_condition
 from data_pipeline.degradation import degrade_uint8
 from data_pipeline.gt_prep import prepare_gt
 from pasd_jax.tokenizer import load_tokenizer, tokenize
@@ -150,14 +151,17 @@ class MakePair:
     """
 
     def __init__(self, sources: Sequence[Any], degradation: DegradationConfig, tokenizer_path: str | None,
-                 crop_size: int, random_flip: bool, min_side: int, max_retries: int,
+                 crop_size: int, random_flip: bool, min_side: int, max_retries: int, pairs: str = "realesrgan",
                  report_bad: bool = False):
+        if pairs not in PAIR_KINDS:  # "grayscale": colorization pairs (data_pipeline.color_pairs)
+            raise DataError(f"data.pairs={pairs!r}: expected one of {PAIR_KINDS}")
+        self.pairs = pairs
+        self.report_bad = report_bad
         self.sources = tuple(sources)
         self.degradation = degradation
         self.tokenizer_path = tokenizer_path
         self.crop_size, self.random_flip = crop_size, random_flip
         self.min_side, self.max_retries = min_side, max_retries
-        self.report_bad = report_bad
 
     def random_map(self, element: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         comp, index = element
@@ -165,7 +169,7 @@ class MakePair:
         rgb, caption, skips, converts = read_good_record(self.sources[comp], index, self.min_side, self.max_retries,
                                                          bad)
         hq = prepare_gt(rgb, self.crop_size, rng, flip=self.random_flip)
-        lq = degrade_uint8(hq, rng, self.degradation)
+        lq = gray_condition(hq) if self.pairs == "grayscale" else degrade_uint8(hq, rng, self.degradation)
         out = {"hq": hq, "lq": lq, "skip_counts": skips, "convert_counts": converts}
         if bad is not None:
             out["bad_records"] = bad_data.encode(bad)
@@ -212,7 +216,7 @@ def build_dataset(cfg: Mapping[str, Any] | None, *, seed: int, process_index: in
         probe(s, c["probe_records"], c["min_side"], seed=_derive_seed(seed, 3, k))
     ds = reference_stream(mixture, seed)
     pair = MakePair(mixture.sources, DegradationConfig.from_dict(c["degradation"]), tokenizer_path,
-                    c["crop_size"], c["random_flip"], c["min_side"], c["max_retries"],
+                    c["crop_size"], c["random_flip"], c["min_side"], c["max_retries"], pairs=c["pairs"],
                     report_bad=bad_records)
     ds = ds.random_map(pair, seed=_derive_seed(seed, 2))
     ds = ds[process_index::process_count]  # after the random map: global indices, distinct streams per host

@@ -3,10 +3,13 @@
 `restore_for_export(dir)` rebuilds the full PASD UNet (frozen SD base read from its fp32 folders + trained PACA)
 and the ControlNet; `export_pytorch` writes them as `unet/` + `controlnet/` folders; `export_train_checkpoint`
 writes a release (with its README and key checks). Used at the end of training, by `python -m pasd_jax.convert
-export`, by `sample.py --ckpt <run dir>` and to fine-tune from a run.
+export`, by `sample.py --ckpt <run dir>` and to fine-tune from a run. A run whose config sets
+`diffusion.export_scheduler` (colorization) also gets its scheduler config written to `scheduler/` beside the
+checkpoint folder, the release layout of `pasd_light_color/{checkpoint-180000, scheduler}`.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from typing import Any
@@ -15,7 +18,7 @@ from pasd_jax.convert import to_pytorch
 from pasd_jax.convert.folders import CONTROLNET, UNET
 from pasd_jax.convert.io import PathLike
 from pasd_jax.convert.release import DEFAULT_TRAINABLE, ReleaseInfo, describe_base, export_release, lookup_config
-from pasd_jax.safe_write import refuse_existing, refuse_overlap
+from pasd_jax.safe_write import atomic_write, refuse_existing, refuse_overlap
 from pasd_jax.sharding import trainable_split
 from pasd_jax.runs.checkpoint import CheckpointReadError, Checkpoints, checkpoint_dir, resolve_base
 from pasd_jax.runs.models import abstract, build_models, load_frozen
@@ -87,4 +90,38 @@ def export_train_checkpoint(ckpt_dir: PathLike, out: PathLike, *, step: int | No
                        source=str(pathlib.Path(ckpt_dir).resolve()))
     base = meta.get("base")
     inputs = [ckpt_dir, *(base.values() if isinstance(base, dict) else [])]
-    return export_release(out, unet=unet, controlnet=controlnet, info=info, overwrite=overwrite, inputs=inputs)
+    written = export_release(out, unet=unet, controlnet=controlnet, info=info, overwrite=overwrite, inputs=inputs)
+    scheduler = run_scheduler_to_export(cfg)
+    if scheduler:
+        write_scheduler_beside(written, scheduler, overwrite=overwrite)
+    return written
+
+
+def write_scheduler_beside(checkpoint: PathLike, scheduler: PathLike, *, overwrite: bool = False) -> pathlib.Path:
+    """Copy a scheduler config (json file or its folder) to `<checkpoint>/../scheduler/scheduler_config.json`,
+    where the official grayscale mode and `pasd-sample --task colorize` read it. An existing different file is
+    refused unless `overwrite` (one scheduler folder serves every checkpoint beside it)."""
+    src = pathlib.Path(scheduler)
+    src = src if src.suffix == ".json" else src / "scheduler_config.json"
+    text = src.read_text()
+    json.loads(text)  # a broken file fails here, not at sampling time
+    dest = pathlib.Path(checkpoint).parent / "scheduler" / "scheduler_config.json"
+    if dest.is_file() and dest.read_text() != text and not overwrite:
+        raise FileExistsError(f"{dest} exists with another scheduler config; remove it or export with --overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(dest, lambda tmp: tmp.write_text(text))
+
+
+def run_scheduler_to_export(config: Any) -> str | None:
+    """The scheduler config a run's export writes beside its checkpoint: `diffusion.scheduler` when the run's
+    config (a ConfigDict, dict or the JSON kept in the checkpoint metadata) sets `diffusion.export_scheduler`."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return None
+    try:
+        d = config["diffusion"]
+        return str(d["scheduler"]) if d.get("export_scheduler", False) else None
+    except (KeyError, TypeError, AttributeError):
+        return None

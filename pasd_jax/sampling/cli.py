@@ -2,6 +2,8 @@
 
     pasd-sample --ckpt runs/pasd/checkpoint-100000 --base checkpoints/stable-diffusion-v1-5 \
         --input photos/ --output out/ --upscale 4
+    pasd-sample --task colorize --ckpt runs/pasd_light_color/checkpoint-180000 \
+        --base checkpoints/stable-diffusion-v1-5 --input old_photos/ --output colour/
 
 Defaults follow the official `test_pasd.py` (UniPC, 20 steps, CFG 9, conditioning 1.0, ANS level 900, process size
 768, wavelet colour fix) except where README.md "Differences from the official code" says otherwise.
@@ -28,6 +30,7 @@ def resolve_steps(args: argparse.Namespace) -> tuple[int, str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     from pasd_jax.prompts import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, HIGH_LEVEL_INFO
+    from pasd_jax.sampling import tasks
     from pasd_jax.sampling import session
     from pasd_jax.sampling.runner import COLOR_FIXES
     from pasd_jax.schedulers import SCHEDULER_KINDS
@@ -55,10 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "lcm-lora-sdv1-5) into the UNet and sample with the LCM scheduler (default 4 steps)")
     g.add_argument("--lora-rule", default="alpha_scaled", choices=["alpha_scaled", "official"],
                    help="official = PASD's merge, which ignores the LoRA alpha")
+    g.add_argument("--scheduler-config", default=None, help="scheduler_config.json (or its folder) to use instead "
+                   "of the base's (sr) or the scheduler/ folder beside --ckpt (colorize)")
     g.add_argument("--cache-dir", default=None, help="converted-weights cache (default ~/.cache/pasd_jax)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the conversion cache")
 
     g = p.add_argument_group("input and output")
+    g.add_argument("--task", "--control-type", dest="task", default=tasks.SR,
+                   choices=list(tasks.TASKS) + list(tasks.ALIASES),
+                   help="sr: super-resolution; colorize (official --control_type grayscale): colour a gray photo "
+                   "(pasd_light_color), scheduler from the scheduler/ folder beside --ckpt, upscale 1, no colour "
+                   "fix, the input's luma kept")
     g.add_argument("--input", required=True, help="an image or a folder (searched recursively)")
     g.add_argument("--output", required=True, help="output folder; results keep the relative names, as .png")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -92,10 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", default="")
-    g.add_argument("--added-prompt", default=DEFAULT_ADDED_PROMPT)
+    g.add_argument("--added-prompt", default=None,
+                   help=f"appended to the prompt (default {DEFAULT_ADDED_PROMPT!r} for sr, none for colorize)")
     g.add_argument("--added-prompt-separator", action="store_true",
                    help="join the added prompt with ', ' (the official code glues it on without a separator)")
-    g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
+    g.add_argument("--negative-prompt", default=None, help=f"default {DEFAULT_NEGATIVE_PROMPT!r} for sr, "
+                   f"{tasks.default_negative_prompt(tasks.COLORIZE)!r} for colorize")
     g.add_argument("--high-level-info", default="none", choices=list(HIGH_LEVEL_INFO),
                    help="prompt from a classifier, detector or captioner (the official default is caption)")
     g.add_argument("--captions", default=None, help="JSON or CSV mapping image paths to captions")
@@ -127,12 +139,21 @@ def _main(args: argparse.Namespace, sess) -> int:
     from pasd_jax.sampling.pipeline import PASDPipeline
     from pasd_jax.sampling.runner import RunSettings
     from pasd_jax.convert.lora import parse_lora_arg
+    from pasd_jax.sampling import tasks
+    from pasd_jax.schedulers import scheduler_from_config
 
     try:  # everything that can be checked before loading gigabytes is checked first
+        task = tasks.resolve(args.task)
+        for note in tasks.notes(task, args.upscale):
+            logging.info(note)
+        if args.added_prompt is None:
+            args.added_prompt = tasks.default_added_prompt(task)
+        if args.negative_prompt is None:
+            args.negative_prompt = tasks.default_negative_prompt(task)
         settings = RunSettings(upscale=args.upscale, process_size=args.process_size, color_fix=args.color_fix,
                                keep_alpha=args.keep_alpha, overwrite=args.overwrite, seed=args.seed,
                                batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-                               io_threads=args.io_threads)
+                               io_threads=args.io_threads, task=task)
         steps, scheduler = resolve_steps(args)
         options = SamplingOptions(
             steps=steps, scheduler=scheduler, guidance_scale=args.guidance_scale,
@@ -148,7 +169,8 @@ def _main(args: argparse.Namespace, sess) -> int:
             args.high_level_info, prompt=args.prompt, added_prompt=args.added_prompt, captions_file=args.captions,
             classifier_weights=args.classifier_weights, categories_file=args.categories_file,
             detector_weights=args.detector_weights, captioner=args.captioner, caption_model=args.caption_model,
-            cache_dir=args.prompt_cache, separator=args.added_prompt_separator)
+            cache_dir=args.prompt_cache, separator=args.added_prompt_separator, control_type=tasks.control_type(task))
+        prompt_fn = tasks.with_added_prompt(task, prompt_fn, args.added_prompt, args.added_prompt_separator)
         cache = False if args.no_cache else args.cache_dir
         lora_specs = [parse_lora_arg(a, default_multiplier=args.lora_multiplier, rule=args.lora_rule)
                       for a in args.lora or ()]
@@ -156,7 +178,9 @@ def _main(args: argparse.Namespace, sess) -> int:
         loaded = load_for_sampling(args.ckpt, base=args.base, personalized=args.personalized,
                                    blending_alpha=args.blending_alpha, lora=lora_specs,
                                    lora_multiplier=args.lora_multiplier, lora_rule=args.lora_rule,
-                                   lcm_lora=args.lcm_lora, cache=cache)
+                                   lcm_lora=args.lcm_lora, cache=cache, scheduler_config=args.scheduler_config,
+                                   scheduler_beside=task == tasks.COLORIZE)
+        scheduler_from_config(loaded.scheduler_config, options.scheduler, options.steps)  # refused keys: now
     except (PasdError, ValueError, FileNotFoundError, MissingDependencyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -56,8 +56,12 @@ def _lora_specs(lora: Any, multiplier: float, rule: str) -> list[LoraSpec]:
 def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personalized: PathLike | None = None,
                       blending_alpha: float = 1.0, lora: "PathLike | Sequence[LoraSpec | PathLike] | None" = None,
                       lora_multiplier: float = 0.6, lora_rule: str = "alpha_scaled",
-                      lcm_lora: PathLike | None = None, cache: Any = None) -> Loaded:
+                      lcm_lora: PathLike | None = None, cache: Any = None,
+                      scheduler_config: PathLike | None = None, scheduler_beside: bool = False) -> Loaded:
     """PASD UNet + ControlNet from `ckpt`, VAE / text encoder / tokenizer / scheduler from `base`.
+
+    The scheduler config is `scheduler_config` when given, else with `scheduler_beside` (colorization, as the
+    official grayscale mode) the `scheduler/` folder beside the checkpoint folder, else the base's.
 
     `lora`: one file (merged with `lora_multiplier` and `lora_rule`) or several `LoraSpec`s / paths, merged in
     order; `lcm_lora` is fused last with the official `--use_lcm_lora` rule (lora_scale 1, diffusers' scaling),
@@ -69,6 +73,12 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
                               "and controlnet/), a folder from `python -m pasd_jax.convert import`, or a train.py "
                               "work dir")
     notes: list[str] = []
+    scheduler = None  # checked before any weight is read
+    if scheduler_config is not None or scheduler_beside:
+        scheduler = scheduler_config if scheduler_config is not None else scheduler_beside_checkpoint(ckpt)
+        if not _scheduler_json(pathlib.Path(scheduler)).is_file():
+            raise WeightFileError(f"--scheduler-config {scheduler}: no scheduler_config.json there")
+        notes.append(f"scheduler config: {_scheduler_json(pathlib.Path(scheduler))}")
     if is_official_checkpoint(ckpt) or is_flax_checkpoint(ckpt):
         pasd = load_checkpoint(ckpt, cache=cache)
         unet, controlnet = pasd[UNET], pasd[CONTROLNET]
@@ -106,5 +116,25 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
         notes.append(merged.report.summary())
     models = Models(unet[0], controlnet[0], vae[0], text_encoder[0])
     params = {"unet": unet[1], "controlnet": controlnet[1], "vae": vae[1], "text_encoder": text_encoder[1]}
-    return Loaded(models, params, pathlib.Path(sd.scheduler_config), pathlib.Path(sd.tokenizer_dir), unet[0].variant,
+    return Loaded(models, params, pathlib.Path(scheduler or sd.scheduler_config), pathlib.Path(sd.tokenizer_dir),
+                  unet[0].variant,
                   tuple(notes))
+
+
+def _scheduler_json(path: pathlib.Path) -> pathlib.Path:
+    return path if path.suffix == ".json" else path / "scheduler_config.json"
+
+
+def scheduler_beside_checkpoint(ckpt: PathLike) -> pathlib.Path:
+    """The `scheduler/` folder beside a checkpoint folder (official grayscale mode, release layout
+    `runs/pasd_light_color/{checkpoint-180000, scheduler}`); for a train.py work dir, the one its export wrote
+    (`export/scheduler`). One-line error naming where it was looked for."""
+    ckpt = pathlib.Path(ckpt).absolute()
+    candidates = [ckpt.parent / "scheduler", ckpt / "export" / "scheduler"]
+    for folder in candidates[::-1]:  # a work dir's own export first: its parent is not a release folder
+        if _scheduler_json(folder).is_file():
+            return folder
+    raise WeightFileError(
+        f"colorization reads its scheduler from the scheduler/ folder beside the checkpoint (the release has "
+        f"pasd_light_color/scheduler next to checkpoint-180000, a zero-terminal-SNR schedule), but there is no "
+        f"{_scheduler_json(candidates[0])}: put the release's scheduler folder there, or pass --scheduler-config")

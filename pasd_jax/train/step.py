@@ -46,6 +46,9 @@ class Diffusion:
     prediction_type: str = "epsilon"
     dr_weight: float = 1.0
     conditioning_scale: float = 1.0
+    colorfulness_weight: float = 0.0   # colorization: 0.001 (train.losses), with its official repeat and batch
+    colorfulness_repeats: int = 3
+    colorfulness_batch: int = 4
 
 
 def forward_losses(trainable: Mapping, frozen_unet: Mapping, models: Models, x: StepInputs,
@@ -57,7 +60,8 @@ def forward_losses(trainable: Mapping, frozen_unet: Mapping, models: Models, x: 
     unet_params = trainable_split.merge(frozen_unet, trainable[UNET])
     pred = models.unet.apply({"params": unet_params}, x.noisy_latents, x.timesteps, x.encoder_hidden_states,
                              down_block_additional_residuals=down, mid_block_additional_residual=mid)
-    return pasd_loss(pred, x.target, rgbs, x.gt, diffusion.dr_weight)
+    return pasd_loss(pred, x.target, rgbs, x.gt, diffusion.dr_weight, diffusion.colorfulness_weight,
+                     diffusion.colorfulness_repeats, diffusion.colorfulness_batch)
 
 
 def draw_inputs(frozen: Mapping, models: Models, batch: Mapping[str, jax.Array], keys: jax.Array,

@@ -27,7 +27,8 @@ def validation_options(v) -> tuple[SamplingOptions, runner.RunSettings]:
     options = SamplingOptions(steps=int(v.steps), scheduler=str(v.scheduler), guidance_scale=float(v.guidance_scale),
                               added_noise_level=int(v.added_noise_level), dtype=str(v.dtype))
     settings = runner.RunSettings(upscale=int(v.upscale), process_size=int(v.process_size), seed=int(v.seed),
-                                  negative_prompt=str(v.negative_prompt), overwrite=True)
+                                  negative_prompt=str(v.negative_prompt), overwrite=True,
+                                  task=str(v.get("task", "sr")))  # "colorize" for colorization runs
     return options, settings
 
 
