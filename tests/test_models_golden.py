@@ -9,6 +9,10 @@ import pytest
 from pasd_jax.convert import from_pytorch
 from pasd_jax.convert.io import load_safetensors
 
+# Measured (max over the 3 sets, both scales, all 11 outputs): 5.9e-6 (tiny_pasd_rrdb down.1, |x| <= 3.7; tiny_pasd
+# 3.5e-6, tiny_pasd_light 5.1e-6). The golden's own float32 error, our modules in float64 vs the golden
+# (tools/tolerances/measure_f64.py): up to 2.7e-6 / 2.7e-6 / 4.5e-6, as the golden READMEs state for the official
+# float64 run; our float32 vs our float64: up to 7.7e-6. 1e-4 is ~17x the measure (the README suggests 1e-5..1e-4).
 TOL = 1e-4
 # (golden folder, UNet folder, expected UNet variant, expected RRDB)
 SETS = {
@@ -63,8 +67,11 @@ def test_controlnet_and_unet_match_golden(golden_run, scale, tag):
 
 def test_conditioning_scale_only_scales_residuals(golden_run):
     (r1, d1, m1, _), (r05, d05, m05, _) = golden_run["outs"][1.0], golden_run["outs"][0.5]
-    for a, b in zip((*d1, m1), (*d05, m05)):
-        np.testing.assert_allclose(np.asarray(a) * 0.5, b, rtol=0, atol=1e-6)
+    err = max(_err(np.asarray(a) * 0.5, b) for a, b in zip((*d1, m1), (*d05, m05)))
+    print(f"\n{golden_run['name']}: max |0.5 * residual(scale 1) - residual(scale 0.5)| = {err:.2e}")
+    # Measured 0 for all three sets: the scale multiplies each residual last, inside the same program, and halving
+    # is exact in float32, so the two runs agree bit for bit (was atol 1e-6).
+    assert err == 0.0
     for a, b in zip(r1, r05):
         np.testing.assert_array_equal(a, b)
 

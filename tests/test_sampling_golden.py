@@ -18,7 +18,15 @@ from pasd_jax.sampling.pipeline import PASDPipeline
 
 PROMPT = "a bird, " + "clean, high-resolution, 8k"
 NEGATIVE = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
+# Float64 distances below: tools/tolerances/measure_f64.py (our modules in float64 on the recorded draws; they agree
+# with the official float64 run of the golden README, 1.9e-5 / 5.4e-5 / 2.9e-6).
+# Per-step latents, max over 4 steps: measured 2.4e-5 (DDIM, |z| <= 17) and 1.2e-4 (UniPC, |z| <= 56); the
+# golden's own float32 error (float64 run vs golden) is 2.0e-5 and 5.4e-5, so both tolerances are ~4x the measure.
 LATENT_TOL = {"ddim": 1e-4, "unipc": 4e-4}
+# z_N: measured 1.2e-7 (|z| <= 3.3); golden vs float64 1.9e-7 (DDIM) / 2.7e-7 (UniPC). Was 1e-4 (~800x), now 1e-6.
+Z_N_TOL = 1e-6
+# VAE decoder output: measured 3.0e-6 (DDIM) / 2.8e-6 (UniPC); golden vs float64 2.9e-6 / 1.6e-6 (|x| <= 1.5).
+DECODE_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +54,8 @@ def _uint8_check(name, ours, ref):
     diff = np.abs(np.asarray(ours, np.int32) - np.asarray(ref, np.int32))
     frac = float(np.mean(diff > 0))
     print(f"{name}: max uint8 diff {diff.max()}, {int((diff > 0).sum())} of {diff.size} values differ ({frac:.4%})")
+    # Measured: 0 (DDIM) and 1 (UniPC) of 12288 pipeline values differ by 1, 0 colour-fixed ones; the float64 run
+    # itself puts 0 / 1 values on the other side of a rounding boundary (measure_f64.py, golden README).
     assert diff.max() <= 1 and frac <= 1e-3, name
 
 
@@ -56,7 +66,7 @@ def test_token_ids_and_text_embeddings(pipe, goldens):
     context = np.asarray(pipe.encode_prompts([PROMPT], [NEGATIVE]))          # [1, 2, 77, D] = [negative, positive]
     err = _err(context[0], g["encoder_hidden_states_cfg"])
     print(f"\ntext embeddings [negative; positive]: max abs err {err:.2e}")
-    assert err <= 1e-4
+    assert err <= 1e-4        # measured 1.6e-6 (|emb| <= 3.7); golden vs float64 1.2e-6 (measure_f64.py)
     assert context.shape == (1, 2, 77, 24)
     assert pipe.encode_prompts([PROMPT], [NEGATIVE], cfg=False).shape == (1, 1, 77, 24)
 
@@ -74,9 +84,9 @@ def test_pipeline_matches_official(pipe, goldens, kind, mode):
     errors.update({f"latent after step {i}": _err(r.latents[i], g[f"step.{i}.latents_out"]) for i in range(4)})
     errors["vae decode output"] = _err(r.decoded, g["vae_decode_output"])
     print(f"\n{kind} ({mode} ANS): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
-    assert errors["z_N"] <= 1e-4
+    assert errors["z_N"] <= Z_N_TOL
     assert max(errors[f"latent after step {i}"] for i in range(4)) <= LATENT_TOL[kind]
-    assert errors["vae decode output"] <= 1e-4
+    assert errors["vae decode output"] <= DECODE_TOL
     _uint8_check(f"{kind} pipeline image", r.images[0], g["image_pipeline_output_uint8"])
     fixed = np.asarray(image_ops.wavelet_color_fix(r.images[0], image))
     _uint8_check(f"{kind} colour-fixed image", fixed, g["image_final_colorfix_uint8"])
