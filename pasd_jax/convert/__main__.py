@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     i = sub.add_parser("import", help="official PyTorch PASD folder -> pasd-jax Flax-layout folder")
-    i.add_argument("--pasd", required=True, help="official checkpoint folder with unet/ and controlnet/")
+    i.add_argument("--pasd", required=True, help="official checkpoint folder with unet/ and controlnet/, or a "
+                   "Hugging Face name org/name[:subfolder] (e.g. yangtao9009/PASD:pasd/checkpoint-100000)")
     i.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     i.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c = sub.add_parser("cache", help=f"the converted-weights cache (location: ${ENV})")
@@ -49,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = export_train_checkpoint(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)
             print(f"exported {out}")
         elif args.command == "import":
-            out = release.import_official(args.pasd, args.out, overwrite=args.overwrite)
+            from pasd_jax.convert.hub import resolve_pasd  # a Hugging Face name -> the HF cache
+            out = release.import_official(resolve_pasd(args.pasd, flag="--pasd"), args.out, overwrite=args.overwrite)
             print(f"imported {out}")
         else:
             cache = resolve_cache()

@@ -89,7 +89,7 @@ def _download(repo: str, revision: str | None, patterns: list[str], flag: str, s
         raise WeightFileError(f"{flag} {spec}: no local path of that name, and the Hugging Face model {repo} is not "
                               f"in the cache {where} while {why}; run once with network access (or `hf download "
                               f"{repo}`), set HF_HOME to the cache that holds it, or give a local folder") from None
-    except hf.IncompleteSnapshotError as e:
+    except getattr(hf, "IncompleteSnapshotError", ()) as e:  # huggingface_hub >= 1.x
         raise WeightFileError(f"{flag} {spec}: the cached copy of {repo} in {where} is incomplete and the Hub "
                               f"cannot be reached; run once with network access ({e})") from None
     except (hf.RepositoryNotFoundError, hf.GatedRepoError) as e:
@@ -136,7 +136,8 @@ def resolve(spec: PathLike, components: Sequence[str], *, subfolder: str | None 
         _download(repo, revision, _patterns(prefix, components, ".bin", extras=False), flag, shown)
     missing = _missing(folder, components)
     if missing:
-        hint = " (for yangtao9009/PASD: --ckpt-subfolder pasd/checkpoint-100000)" if flag == "--ckpt" else ""
+        hint = (" (for yangtao9009/PASD: yangtao9009/PASD:pasd/checkpoint-100000)"
+                if tuple(components) == PASD_COMPONENTS else "")
         raise WeightFileError(f"{flag} {shown}: the Hugging Face model {repo} has no {', '.join(missing)}"
                               f"{' under ' + sub if sub else ''}; give the subfolder that holds "
                               f"{' and '.join(c + '/' for c in components)}{hint}")
