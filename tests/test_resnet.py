@@ -38,12 +38,15 @@ def test_logits_and_top5_match_golden(forward, golden):
     top5 = np.argsort(-logits, axis=-1, kind="stable")[:, :5]
     gaps = np.sort(logits, axis=-1)[:, -1] - np.sort(logits, axis=-1)[:, -2]
     print(f"logits max abs err {err:.3e}; top-1/top-2 logit gaps {gaps} (baby's is the close call)")
+    # Measured 2.0e-6 (|logit| <= 2.8); our float64 evaluation is 1.8e-6 from the golden
+    # (tools/tolerances/measure_f64.py). 1e-4 is what the golden README asks for and keeps baby's 0.0019 gap.
     assert err <= 1e-4
     np.testing.assert_array_equal(top5, golden["top5_indices"])
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
     p_err = np.abs(np.take_along_axis(probs, golden["top5_indices"], -1) - golden["top5_probs"]).max()
     print(f"top-5 probability max abs err {p_err:.3e}")
-    assert p_err <= 1e-6
+    # Measured 1.0e-8 (probabilities <= 0.012); float64 vs the golden 7.4e-9. Was 1e-6 (100x), now 5e-8.
+    assert p_err <= 5e-8
 
 
 def test_intermediate_features_match_golden(forward, golden):
@@ -62,6 +65,7 @@ def test_intermediate_features_match_golden(forward, golden):
         assert ours.shape == ref.shape, name
         rel = np.abs(ours - ref).max() / np.abs(ref).max()
         print(f"{name}: max abs err / max |golden| = {rel:.3e}")
+        # Measured at most 1.6e-6 (layer4_out); float64 vs the golden 7.9e-7 relative (measure_f64.py)
         assert rel <= 1e-5, name
 
 
@@ -72,6 +76,8 @@ def test_preprocessing_reproduces_golden_pixel_values(shared_dir, golden, index,
     err = np.abs(x - golden["pixel_values"][index]).max()
     print(f"{name}: pixel_values max abs err {err:.3e}")
     assert x.dtype == np.float32 and x.shape == (3, 224, 224)
+    # Measured 0 (bit-equal) for both images; 1e-6 is ~4 float32 ulps of |x| <= 2.6, room for another evaluation
+    # order of (x / 255 - mean) / std.
     assert err <= 1e-6
 
 
