@@ -111,7 +111,7 @@ def test_v_prediction_target():
     np.testing.assert_allclose(np.asarray(x.target), -1.0, atol=1e-6)
 
 
-@pytest.mark.slow  # compiling the tiny train step dominates: 20-55 s on the shared 2-core machine, by its load
+@pytest.mark.slow  # compiling the tiny train step dominates: 50-65 s measured on the shared (loaded) 2-core machine
 def test_tiny_colour_training_export_and_colorize(tmp_path, shared_dir, capsys, caplog):
     from pasd_jax.sampling import cli
 
@@ -129,6 +129,10 @@ def test_tiny_colour_training_export_and_colorize(tmp_path, shared_dir, capsys, 
     written = work / "export" / "scheduler" / "scheduler_config.json"     # release layout: beside checkpoint-2
     assert json.loads(written.read_text()) == json.loads(
         (pasd_light_color.ZERO_SNR_SCHEDULER / "scheduler_config.json").read_text())
+
+    from pasd_jax.runs.export import export_train_checkpoint   # `python -m pasd_jax.convert export` does the same
+    release = export_train_checkpoint(work, tmp_path / "release" / "pasd_light_color" / "checkpoint-2")
+    assert (release.parent / "scheduler" / "scheduler_config.json").read_text() == written.read_text()
 
     src = np.asarray(Image.open(shared_dir / "examples" / "RealSRSet" / "frog.png").convert("RGB"))[80:120, 100:148]
     (tmp_path / "in").mkdir()
