@@ -17,7 +17,14 @@ from pasd_jax.convert.personalize import (DIFFUSERS_FOLDER, LORA, SINGLE_FILE, U
 from pasd_jax.convert.tree import CheckpointMismatchError, flax_to_torch
 from pasd_jax.models.blocks import PASD
 
+# Base blend alpha * new + (1 - alpha) * current in float32 vs the float64 formula: measured 2.6e-7 (|w| <= 3.3,
+# ~1-2 float32 ulps), so 1e-6 is ~4x.
 TOL = 1e-6
+# LoRA merges at the Flax level vs the official float32 merges: measured 0 (bit-equal) for all three goldens. The
+# merged weights are |w| <= 0.63 (ulp 6e-8) and a float32 merge is ~3e-8 from its float64 formula (the fused-LoRA
+# measurement of golden/tiny_pipeline_lcm); 2.5e-7 (~4 ulps) leaves room for another summation order of up @ down.
+# Was TOL (1e-6).
+LORA_TOL = 2.5e-7
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +113,8 @@ def test_partial_blend(ldm_dir, pasd_unet, golden_unet, cache):
     err = max(float(np.abs(out[k].astype(np.float64) - (alpha * golden_unet[k].astype(np.float64)
                                                         + (1 - alpha) * cur[k].astype(np.float64))).max())
               for k in golden_unet)
-    print(f"alpha={alpha}: max abs err vs alpha*new + (1-alpha)*current (float64): {err:.3g}")
+    scale = max(float(np.abs(out[k]).max()) for k in golden_unet)
+    print(f"alpha={alpha}: max abs err vs alpha*new + (1-alpha)*current (float64): {err:.3g} (max |w| {scale:.2f})")
     assert err <= TOL
     assert all(out[k].tobytes() == cur[k].tobytes() for k in out if is_paca_key(k))
     unchanged = swap_base(ldm_dir / "model.safetensors", unet=pasd_unet, alpha=0.0, cache=cache)
@@ -147,7 +155,7 @@ def test_lora_at_flax_level_matches_golden(golden_dir, pasd_unet, swapped, text_
     assert changed == sorted(ref)
     errs = {k: float(np.abs(out[k.split(".", 1)[0]][k.split(".", 1)[1]] - v).max()) for k, v in ref.items()}
     print(f"{golden} at the Flax level: {len(ref)} tensors, max abs err {max(errs.values()):.3g}")
-    assert max(errs.values()) <= TOL
+    assert max(errs.values()) <= LORA_TOL
     before, after = flatten_dict(swapped.unet), flatten_dict(got.unet)
     merged_unet = {k.split(".", 1)[1] for k in ref if k.startswith("unet.")}
     untouched = [p for p in before if torch_key(p) not in merged_unet]
