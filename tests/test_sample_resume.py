@@ -31,8 +31,11 @@ from pasd_jax.sampling import cli
 
 DELAY, LOAD_DELAY = float(os.environ["FAKE_DELAY"]), float(os.environ.get("FAKE_LOAD_DELAY", "0"))
 
+import pathlib, pasd_jax
+
 class Loaded:
-    models = params = scheduler_config = tokenizer_dir = None
+    models = params = tokenizer_dir = None
+    scheduler_config = pathlib.Path(pasd_jax.__file__).parent / "assets" / "sd15" / "scheduler"
     variant, notes = "stand-in", ()
 
 def load(*a, **k):
