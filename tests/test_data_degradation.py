@@ -21,7 +21,9 @@ from data_pipeline.presets import PASD, REALESRGAN_X4PLUS, DegradationConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OFFICIAL = REPO / "tests" / "data" / "official_degradation_stats.json"
-ALPHA = 0.01  # per statistic; a deterministic test (fixed crops and seeds), so no flakiness to budget for
+# Per statistic; a deterministic test (fixed crops and seeds), so no flakiness to budget for. Measured: the PASD
+# preset's smallest p-value is 0.26 (sharpness_ratio), the x4plus noise ranges' 3.5e-10 (noise_residual).
+ALPHA = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,11 @@ def test_degrade_never_flips(examples):
     crops = list(reference_crops(examples, 8, seed=5))
     for i, hq in enumerate(crops):
         if np.abs(hq.astype(int) - hq[:, ::-1]).mean() < 10:
-            continue  # nearly symmetric crop: nothing to tell
+            continue  # nearly symmetric crop (mean |crop - mirror| < 10 of 255 levels): nothing to tell
         lq = degrade(hq, i).astype(np.float64) * 255
-        assert np.abs(lq - hq).mean() < np.abs(lq - hq[:, ::-1]).mean(), i
+        same, mirrored = np.abs(lq - hq).mean(), np.abs(lq - hq[:, ::-1]).mean()
+        print(f"crop {i}: mean |lq - hq| {same:.1f}, mean |lq - mirrored hq| {mirrored:.1f}")
+        assert same < mirrored, i   # measured 4.9-23.4 vs 32.7-87.5 levels for the 8 crops
 
 
 @pytest.mark.parametrize("size", [64, 32])
@@ -147,4 +151,4 @@ def test_x4plus_noise_ranges_fail_the_same_test(examples):
         stage1=dataclasses.replace(PASD.stage1, noise_range=x1.noise_range, poisson_scale_range=x1.poisson_scale_range),
         stage2=dataclasses.replace(PASD.stage2, noise_range=x2.noise_range, poisson_scale_range=x2.poisson_scale_range))
     p = _ks(examples, wrong, 160, seed_base=2_000_000)
-    assert min(p.values()) < ALPHA / 100, p  # fails, and by a wide margin
+    assert min(p.values()) < ALPHA / 100, p  # fails, and by a wide margin (measured 3.5e-10)
