@@ -44,23 +44,32 @@ def test_distributions_are_the_modules_own(models):
     # PyTorch default Linear/Conv: U(+-1/sqrt(fan_in)) for kernel and bias
     q = unet["up_blocks_1/pixel_attentions_0/transformer_blocks_0/attn1/to_q/kernel"]
     bound = 1 / math.sqrt(q.shape[0])
-    assert np.abs(q).max() <= bound and np.abs(q).max() > 0.9 * bound
     conv = unet["conv_in/kernel"]
-    bound = 1 / math.sqrt(np.prod(conv.shape[:3]))
-    assert np.abs(conv).max() <= bound and abs(float(conv.std()) - bound / math.sqrt(3)) < 0.2 * bound
-    # zero convs, norms
-    assert not np.any(cn["controlnet_mid_block/kernel"]) and not np.any(cn["controlnet_down_blocks_0/bias"])
-    norms = [k for k in unet if "/norm" in k]
-    assert norms and all(np.all(unet[k] == (1 if k.endswith("scale") else 0)) for k in norms)
-    # CLIP embeddings N(0, 0.02^2)
+    c_bound = 1 / math.sqrt(np.prod(conv.shape[:3]))
     emb = text["text_model/embeddings/token_embedding/embedding"]
-    assert abs(float(emb.std()) - 0.02) < 0.002 and abs(float(emb.mean())) < 0.002
-    # RRDB convs: kaiming normal x 0.1, zero bias
     rrdb = [k for k in cn if "preprocesser_0" in k and k.endswith("conv1/kernel")]
     assert rrdb, "the RRDB preprocessor should be in this controlnet"
     w = cn[rrdb[0]]
     std = 0.1 * math.sqrt(2 / np.prod(w.shape[:3]))
-    assert abs(float(w.std()) - std) < 0.25 * std
+    print(f"\nto_q max/bound {np.abs(q).max() / bound:.4f} ({q.size} values); conv_in max/bound "
+          f"{np.abs(conv).max() / c_bound:.4f}, (std - bound/sqrt 3)/bound {(conv.std() - c_bound / math.sqrt(3)) / c_bound:.4f}"
+          f" ({conv.size}); embedding std {emb.std():.5f}, mean {emb.mean():.2e} ({emb.size}); "
+          f"RRDB std/expected - 1 {w.std() / std - 1:.4f} ({w.size})")
+    # Sampling margins, not rounding (fixed seeds, so deterministic): the max of 1600 uniforms falls below 0.9 of the
+    # bound with probability 0.95^1600 ~ 1e-36, measured 0.9988; conv_in's std is measured 0.0042 of the bound off
+    # (one sigma of the sample std is 0.0076 of it, so 0.2 is ~26 sigmas).
+    assert np.abs(q).max() <= bound and np.abs(q).max() > 0.9 * bound
+    assert np.abs(conv).max() <= c_bound and abs(float(conv.std()) - c_bound / math.sqrt(3)) < 0.2 * c_bound
+    # zero convs, norms
+    assert not np.any(cn["controlnet_mid_block/kernel"]) and not np.any(cn["controlnet_down_blocks_0/bias"])
+    norms = [k for k in unet if "/norm" in k]
+    assert norms and all(np.all(unet[k] == (1 if k.endswith("scale") else 0)) for k in norms)
+    # CLIP embeddings N(0, 0.02^2), 1.2M values: one sigma of the sample std is 1.3e-5, of the mean 1.8e-5; measured
+    # 2e-5 and 2.7e-6 off. Both were allowed 2e-3 (~100x and ~700x the measure), now 1e-4 (7.7 / 5.4 sigmas).
+    assert abs(float(emb.std()) - 0.02) < 1e-4 and abs(float(emb.mean())) < 1e-4
+    # RRDB convs: kaiming normal x 0.1, zero bias; 2304 values, one sigma of the sample std is 1.5% of it, measured
+    # 0.19% off. Was 25% (~130x the measure), now 7.5% (5 sigmas).
+    assert abs(float(w.std()) - std) < 0.075 * std
 
 
 def test_remat_modules_keep_their_paths():
@@ -78,8 +87,16 @@ def test_same_distributions_as_jax_init(models):
     jax_p = trainable_split.flatten(jax.jit(lambda k: module.init(k, *module.dummy_inputs())["params"])(
         jax.random.key(0)))
     host_p = trainable_split.flatten(host_params(module, 0, stream="text_encoder"))
+    gaps = {}
     for k, v in jax_p.items():
         v, h = np.asarray(v), host_p[k]
         if v.size < 512:
             continue
-        assert abs(float(v.std()) - float(h.std())) <= 0.1 * float(v.std()) + 1e-12, k
+        gaps[k] = abs(float(v.std()) - float(h.std())) / max(float(v.std()), 1e-12)
+    print(f"\nworst relative std gap jax vs host over {len(gaps)} tensors: {max(gaps.values()):.3f}")
+    # Two independent draws of >= 512 values: the sample std's relative sigma is <= 1/sqrt(2 * 512) = 0.031 each,
+    # so 0.1 is >= 2.3 sigmas of the difference (fixed seeds: deterministic); measured at most 0.051.
+    for k, v in jax_p.items():
+        v, h = np.asarray(v), host_p[k]
+        if v.size >= 512:
+            assert abs(float(v.std()) - float(h.std())) <= 0.1 * float(v.std()) + 1e-12, k
