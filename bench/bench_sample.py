@@ -10,6 +10,15 @@ resets).
     python bench/bench_sample.py --model sd15 --dtype bfloat16 --cases 512x1 512x8 768x1 --isolate --out s1.json
     python bench/bench_sample.py --model sd15 --dtype bfloat16 --cases 768x4 2048x1 2048x1:t160 --isolate --out s2.json
     python bench/bench_sample.py --model tiny --dtype float32 --cases 64x1 64x2 96x1:t8:o3 --steps 4 --repeats 2
+
+Folder mode (`--folder N`): pasd-sample's runner over N images of the first case's size, images/s with the host
+work (decode, preprocessing, colour fix, PNG encode) overlapped with the device by the runner's thread pool and
+without (`--no-overlap`: only without), after a warm-up run that compiles. First-image mode (`--first-image`): the
+pasd-sample CLI on one image in a fresh process, with an empty persistent compilation cache (cold) and again with
+it filled (warm), on a real checkpoint (default: the tiny golden ones beside the checkout).
+
+    python bench/bench_sample.py --model tiny --dtype float32 --cases 64x2 --steps 4 --folder 32 --repeats 3
+    python bench/bench_sample.py --first-image --steps 4
 """
 from __future__ import annotations
 
@@ -133,6 +142,74 @@ def run_case(pipe: PASDPipeline, case: dict, args, workdir: pathlib.Path) -> dic
             "peak_memory_gib": None if peak_memory_bytes() is None else peak_memory_bytes() / 2 ** 30}
 
 
+def run_folder(pipe: PASDPipeline, case: dict, args, workdir: pathlib.Path) -> dict:
+    """Images/s of runner.run over a folder, with and without host/device overlap (alternating rounds)."""
+    from pasd_jax.sampling.runner import RunSettings, run
+
+    size, batch = case["size"], case["batch"]
+    opts = SamplingOptions(steps=args.steps, scheduler=args.scheduler, dtype=args.dtype_name,
+                           latent_tile_size=case["latent_tile"] or 320, latent_tile_overlap=case["overlap"],
+                           tiled_vae=case["vae"], tile_batch=args.tile_batch)
+    src = workdir / "in"
+    src.mkdir()
+    for i, path in enumerate(write_inputs(workdir, size, args.folder)):
+        path.rename(src / f"img{i:04d}.png")
+    modes = {"no_overlap": 0} if args.no_overlap else {"overlap": args.io_threads, "no_overlap": 0}
+    warm = workdir / "warm"
+    warm.mkdir()
+    for path in sorted(src.iterdir())[:batch]:
+        (warm / path.name).write_bytes(path.read_bytes())
+    prompt = lambda image, rel: PROMPT  # noqa: E731
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for threads in set(modes.values()):  # compile (and warm every thread's colour-fix programs)
+        run(pipe, opts, warm, workdir / f"warm_out{threads}", RunSettings(
+            upscale=UPSCALE, process_size=size, batch_size=batch, negative_prompt=NEGATIVE, io_threads=threads),
+            prompt, progress=False)
+    for r in range(args.repeats):
+        for mode, threads in modes.items():
+            settings = RunSettings(upscale=UPSCALE, process_size=size, batch_size=batch, negative_prompt=NEGATIVE,
+                                   io_threads=threads)
+            t = time.perf_counter()
+            summary = run(pipe, opts, src, workdir / f"out_{mode}_{r}", settings, prompt, progress=False)
+            times[mode].append(time.perf_counter() - t)
+            assert len(summary.written) == args.folder, summary.report()
+    out = {"case": case["name"], "images": args.folder, "output": f"{size}x{size}", "batch": batch,
+           "io_threads": args.io_threads, "repeats": args.repeats}
+    for mode, ts in times.items():
+        out[f"{mode}_s"] = ts
+        out[f"{mode}_images_per_s"] = args.folder / float(np.median(ts))
+    if len(modes) == 2:
+        out["speedup"] = out["overlap_images_per_s"] / out["no_overlap_images_per_s"]
+    return out
+
+
+def first_image(args) -> dict:
+    """Seconds from process start to the first written image, cold and warm persistent compilation cache."""
+    golden = pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden"
+    ckpt, base = args.ckpt or str(golden / "tiny_pasd"), args.base or str(golden / "tiny_pipeline")
+    out = {"ckpt": ckpt, "base": base, "steps": args.steps, "dtype": args.dtype_name, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        write_inputs(tmp, 64, 1)[0].rename(tmp / "one.png")  # a 16x16 LR image
+        cache = tmp / "xla"
+        for name, flags in (("no cache", ["--no-compile-cache"]), ("cold", ["--compile-cache", str(cache)]),
+                            ("warm", ["--compile-cache", str(cache)])):
+            argv = [sys.executable, "-m", "pasd_jax.sampling.cli", "--ckpt", ckpt, "--base", base, "--input",
+                    str(tmp / "one.png"), "--output", str(tmp / name.replace(" ", "_")), "--steps", str(args.steps),
+                    "--dtype", args.dtype_name, "--process-size", "64", "--no-progress", "--no-cache", *flags]
+            t = time.perf_counter()
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - t
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-3000:])
+            summary = json.loads((tmp / name.replace(" ", "_") / "summary.json").read_text())
+            entries = sum(1 for _ in cache.rglob("*")) if cache.is_dir() else 0
+            out["runs"].append({"run": name, "process_wall_s": wall,
+                                "first_image_after_sampling_start_s": summary["seconds_to_first_image"],
+                                "cache_entries": entries})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
@@ -144,6 +221,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--attention", default="auto", choices=list(attention.IMPLS))
     p.add_argument("--isolate", action="store_true", help="one fresh process per case (per-case peak memory)")
+    p.add_argument("--folder", type=int, default=0, help="folder mode: this many images of the first case")
+    p.add_argument("--no-overlap", action="store_true", help="folder mode: only without host/device overlap")
+    p.add_argument("--io-threads", type=int, default=4, help="folder mode: the runner's host threads")
+    p.add_argument("--first-image", action="store_true", help="cold vs warm compilation cache, CLI, one image")
+    p.add_argument("--ckpt", default=None, help="first-image mode: PASD checkpoint (default: golden tiny_pasd)")
+    p.add_argument("--base", default=None, help="first-image mode: SD base (default: golden tiny_pipeline)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     a.dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(a.dtype, a.dtype)
@@ -152,6 +235,15 @@ def main() -> None:
     head = {"benchmark": "pasd_sample_end_to_end", "model": a.model, "dtype": a.dtype_name, "steps": a.steps,
             "scheduler": a.scheduler, "guidance": "CFG 9.0 (batch 2B)", "upscale": UPSCALE,
             "attention": a.attention, "tile_batch": a.tile_batch, "env": environment()}
+    if a.first_image:
+        emit({"benchmark": "pasd_sample_first_image", "env": environment(), **first_image(a)}, a.out)
+        return
+    if a.folder:
+        with attention.attention_impl(a.attention), tempfile.TemporaryDirectory() as tmp:
+            pipe = build_pipeline(a.model, dtype_of(a.dtype_name))
+            result = run_folder(pipe, cases[0], a, pathlib.Path(tmp))
+        emit({**head, "benchmark": "pasd_sample_folder", "results": [result]}, a.out)
+        return
     if a.isolate and len(cases) > 1:
         results = []
         for c in a.cases:
