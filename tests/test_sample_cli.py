@@ -125,3 +125,43 @@ def test_repeated_lora_flags_parse_with_weights():
                               "--lora", "b.safetensors"])
     specs = [parse_lora_arg(a, default_multiplier=args.lora_multiplier) for a in args.lora]
     assert [(str(s.path), s.multiplier) for s in specs] == [("a.safetensors", 0.3), ("b.safetensors", 0.6)]
+
+
+def test_compile_cache_is_used_inside_and_restored_after(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from pasd_jax.sampling.compile_cache import persistent_cache
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    with persistent_cache(tmp_path / "xla", min_compile_s=0.0) as folder:
+        assert jax.config.jax_compilation_cache_dir == str(folder)
+        jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.123)(jnp.arange(7.0)).block_until_ready()
+    entries = [p for p in (tmp_path / "xla").rglob("*") if p.is_file()]
+    assert entries, "the program was not stored"
+    assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) == before
+    with persistent_cache(None, enabled=False):
+        assert not jax.config.jax_enable_compilation_cache
+
+
+def test_distributed_launch_settings(monkeypatch):
+    from pasd_jax import distributed
+    from pasd_jax.errors import ConfigError
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+                "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+    assert not distributed.wanted(distributed.launch_from())  # a plain run stays one process
+    assert distributed.wanted(distributed.launch_from(coordinator_address="h:1", num_processes=2, process_id=0))
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    launch = distributed.launch_from()
+    assert (launch.num_processes, launch.process_id) == (4, 3) and distributed.wanted(launch)
+    assert distributed.launch_from(process_id=1).process_id == 1  # flags win over the environment
+    assert not distributed.wanted(distributed.launch_from("off"))
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert distributed.wanted(distributed.launch_from())  # JAX detects the rest in a SLURM job
+    with pytest.raises(ConfigError, match="outside"):
+        distributed.launch_from(num_processes=2, process_id=2)
