@@ -23,6 +23,9 @@ from pasd_jax.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "pasd_jax" / "assets" / "tiny"
+# Relative to one device (gradients and params: max |diff| / max |reference| per tensor). Measured over the three
+# meshes and grad_accum 2: losses <= 4.6e-7, step-1 gradients <= 8.0e-6 (a reordered float32 reduction over the
+# batch, relative to the largest gradient), params after 3 steps <= 4.0e-6; two processes: losses 1.9e-7.
 REL_TOL = 1e-5
 
 
@@ -155,7 +158,7 @@ def test_restore_onto_another_mesh(mesh_run):
           f"{r['losses']} vs {r['reference']} (rel diff {max(diffs):.2e})")
     assert r["bitwise"]
     assert r["placed_spec"] == ["fsdp"]
-    assert max(diffs) <= 1e-6
+    assert max(diffs) <= 1e-6      # measured 9.3e-8 (1 float32 ulp of a loss of 2.6)
 
 
 def test_two_processes_match_one_process(mesh_run, two_processes):
