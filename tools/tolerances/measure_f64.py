@@ -5,7 +5,7 @@ The parity tests compare our float32 outputs with the golden's float32 outputs. 
 rounding, so a correct port can differ from the golden by about |golden - exact| + |ours - exact|; this script
 measures both terms, and the test tolerances quote its table.
 
-    python tools/tolerances/measure_f64.py                       # every section (~5 min on 2 busy cores)
+    python tools/tolerances/measure_f64.py                       # every section (2-5 min on 2 busy cores)
     python tools/tolerances/measure_f64.py --only models resnet  # some sections
 
 Columns (max abs over the tensor, float64 arithmetic):
@@ -59,7 +59,7 @@ MODEL_SETS = {"tiny_pasd": ("tiny_pasd", "tiny_pasd"), "tiny_pasd_light": ("tiny
               "tiny_pasd_rrdb": ("tiny_pasd_rrdb", "tiny_pasd")}
 
 
-def _forward(gold: pathlib.Path, folder: str, unet_folder: str, dtype) -> dict:
+def _forward(gold: pathlib.Path, folder: str, unet_folder: str, dtype) -> tuple[dict, dict]:
     from pasd_jax.convert import from_pytorch
     from pasd_jax.convert.io import load_safetensors
     unet, up = from_pytorch(gold / unet_folder / "unet", dtype=dtype, param_dtype=dtype)
@@ -211,7 +211,7 @@ def measure_sampling(gold: pathlib.Path, f32: dict) -> None:
                                         ("uint8 colour-fixed", fixed, fixed32, "image_final_colorfix_uint8")):
             diff, diff32 = (np.asarray(a, np.int32) - g[key] for a in (ours, ours32))
             f32_64 = np.asarray(ours32, np.int32) - np.asarray(ours, np.int32)
-            ROWS.append((sec, f"{name}: values differing", int(np.count_nonzero(diff32)), int(np.count_nonzero(diff)),
+            ROWS.append((sec, f"{name}: differing", int(np.count_nonzero(diff32)), int(np.count_nonzero(diff)),
                          int(np.count_nonzero(f32_64)), diff.size))
             ROWS.append((sec, f"{name}: max diff", int(np.abs(diff32).max()), int(np.abs(diff).max()),
                          int(np.abs(f32_64).max()), 255))
