@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import os
 import resource
 import sys
@@ -34,6 +35,7 @@ from pasd_jax.convert.io import aligned_copy  # noqa: E402
 from pasd_jax.models import attention  # noqa: E402
 from pasd_jax.models.config import controlnet_config_from_unet  # noqa: E402
 from pasd_jax.models.host_init import host_params  # noqa: E402
+from pasd_jax.sampling import xla_options  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -107,14 +109,23 @@ def step_inputs(size: int, batch: int, ctx_dim: int, dtype):
             jax.random.uniform(keys[2], (batch, 3, size, size), dtype))
 
 
-def compile_size(step, abstract_params, size: int, batch: int, ctx_dim: int, dtype) -> dict:
+def trim_heap() -> None:
+    """Hand freed heap pages (the compiler's working memory) back to the OS, so they leave the RSS (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def compile_size(step, abstract_params, size: int, batch: int, ctx_dim: int, dtype, options: dict) -> dict:
     inputs = jax.eval_shape(lambda: step_inputs(size, batch, ctx_dim, dtype))
     stage(f"compiling the {size}x{size} step")
     t0 = time.perf_counter()
     with attention.record_kernels() as log:
         lowered = step.lower(*abstract_params, *inputs)
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=options or None)
     compile_s = time.perf_counter() - t0
+    trim_heap()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
@@ -150,6 +161,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--attention", default="auto", choices=list(attention.IMPLS))
+    p.add_argument("--xla-options", default="auto", choices=["auto", "none"],
+                   help="auto: pasd_jax.sampling.xla_options for this backend; none: XLA's defaults")
     p.add_argument("--weights", default="random", help="'random' or an official-layout PASD checkpoint folder")
     p.add_argument("--make-checkpoint", metavar="DIR", default=None)
     p.add_argument("--compare-official", action="store_true",
@@ -177,7 +190,8 @@ def main() -> None:
 
         abstract = (jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), abstract_of(unet)),
                     jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), abstract_of(cn)))
-        progs = {s: compile_size(step, abstract, s, a.batch, ctx_dim, dtype) for s in a.sizes}
+        options = xla_options.compiler_options() if a.xla_options == "auto" else {}
+        progs = {s: compile_size(step, abstract, s, a.batch, ctx_dim, dtype, options) for s in a.sizes}
         rss_compiled = rss_bytes()
         stage("placing the weights")
         t0 = time.perf_counter()
@@ -193,7 +207,7 @@ def main() -> None:
         stage(f"weights placed in {load_s:.1f} s ({param_bytes(params) / 2**30:.2f} GiB)")
         results = [run_size(progs[s], params, s, a.batch, ctx_dim, dtype, a.repeats) for s in a.sizes]
     emit({"benchmark": "pasd_step", "model": a.model, "variant": a.variant, "dtype": a.dtype,
-          "attention": a.attention, "weights": a.weights, "env": environment(),
+          "attention": a.attention, "weights": a.weights, "xla_options": options, "env": environment(),
           "cpu_count": len(os.sched_getaffinity(0)), "param_bytes": param_bytes(params), "load_s": load_s,
           "rss_after_compile_bytes": rss_compiled, "rss_after_load_bytes": rss_loaded,
           "peak_rss_bytes": peak_rss_bytes(), "total_s": time.perf_counter() - t_start, "results": results}, a.out)

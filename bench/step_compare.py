@@ -70,6 +70,7 @@ def compare(a: Any) -> dict:
     sizes = [str(s) for s in a.sizes]
     ours = [sys.executable, str(REPO / "bench" / "bench_step.py"), "--model", a.model, "--variant", a.variant,
             "--dtype", a.dtype, "--repeats", str(a.repeats), "--attention", a.attention, "--weights", a.weights,
+            "--xla-options", a.xla_options,
             "--sizes", *sizes]
     config = "sd15" if a.model == "sd15" else str(REPO / "pasd_jax" / "assets" / a.model)
     official = [official_python(a.official_python), str(REPO / "bench" / "official_baseline.py"), "--sizes", *sizes,

@@ -41,12 +41,15 @@ VAE_DECODE_COPIES = 3.5
 VAE_ENCODE_TILED_COPIES = 10.3
 VAE_DECODE_TILED_COPIES = 7.5
 # One ControlNet + UNet call: the DR pyramid's first level at image resolution (input + about 2.5 maps of its
-# channels: tiny model at 128-512 px) and, on the latent path, the UNet skips + ControlNet residuals held at once plus
-# the working copies of the widest up-block input.
+# channels: tiny model at 128-512 px, where it dominates) and, on the latent path, the UNet skips + ControlNet
+# residuals held at once plus working maps of the widest level (c x tokens; GEGLU alone is 12 of them): fitted to
+# the SD1.5 step with CFG, fp32, flash attention: 147 MB compiled at 256 px (estimate 156), 602 MB at 512 (598).
 COND_COPIES = 2.5
-UP_WORK_COPIES = 3.0
+LATENT_WORK_MAPS = 46.0
 LATENT_TILE_CANDIDATES = (256, 192, 160, 128, 96, 64)
-COMPILE_S_PER_GPARAM = 60.0  # first compile of the sampler per billion UNet parameters (see expected_compile_seconds)
+# First compile of the sampler per billion UNet parameters: the SD1.5 ControlNet + PASD UNet step alone compiles
+# in 16-18 s on the 2-vCPU VM (jax 0.10.2); the sampler adds the VAE passes and the scheduler loop around it.
+COMPILE_S_PER_GPARAM = 25.0
 
 
 class MemoryPlanError(PasdError, MemoryError):
@@ -222,8 +225,7 @@ def denoise_bytes(models: Models, n: int, h: int, w: int, dtype_name: str, backe
     cond = pixels * (ccfg.conditioning_channels + COND_COPIES * ccfg.conditioning_embedding_out_channels[0])
     levels = _levels(cfg, h, w)
     widest = max(c * t for c, t in levels)
-    latent = 2 * _skip_elements(cfg, h, w) + cfg.block_out_channels[-1] * levels[-1][1] + \
-        UP_WORK_COPIES * 3 * widest
+    latent = 2 * _skip_elements(cfg, h, w) + cfg.block_out_channels[-1] * levels[-1][1] + LATENT_WORK_MAPS * widest
     attn = _attention_peak(_attention_calls(models, h, w), n, dtype, backend, impl)
     # the pyramid runs before the latent path; attention temporaries come on top of the latent path's live set
     return int(max(n * cond * itemsize, n * latent * itemsize + attn)), attn
@@ -380,7 +382,7 @@ def _plan(fits: bool, opts: SamplingOptions, est: Estimate, impl: str, changes: 
 
 
 def expected_compile_seconds(models: Models, tiled: bool) -> float:
-    """A rough first-compile time for the sampler on this machine class (measured: bench/RESULTS.md), scaled by the
-    UNet's parameter count; later runs read JAX's compilation cache if one is set."""
+    """A rough first-compile time of the sampler (for the line a runner prints before the first call), scaled by
+    the UNet's parameter count from the CPU figure above; later runs read JAX's compilation cache if one is set."""
     return COMPILE_S_PER_GPARAM * _param_bytes(models.unet, 1) / 1e9 * (1.3 if tiled else 1.0)
 
