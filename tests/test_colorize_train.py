@@ -130,7 +130,7 @@ def test_tiny_colour_training_export_and_colorize(tmp_path, shared_dir, capsys, 
     assert json.loads(written.read_text()) == json.loads(
         (pasd_light_color.ZERO_SNR_SCHEDULER / "scheduler_config.json").read_text())
 
-    from pasd_jax.runs.export import export_train_checkpoint   # `python -m pasd_jax.convert export` does the same
+    from pasd_jax.runs.export import export_train_checkpoint   # `pasd-convert export` does the same
     release = export_train_checkpoint(work, tmp_path / "release" / "pasd_light_color" / "checkpoint-2")
     assert (release.parent / "scheduler" / "scheduler_config.json").read_text() == written.read_text()
 

@@ -86,7 +86,7 @@ def test_local_paths_win_over_names(hf_cache, tmp_path, monkeypatch):
 
 
 def test_convert_import_from_a_name(hf_cache, tmp_path):
-    from pasd_jax.convert.__main__ import main
+    from pasd_jax.convert_cli import main
     from pasd_jax.convert.release import is_flax_checkpoint
 
     assert main(["import", "--pasd", f"{PASD}:{SUB}", "--out", str(tmp_path / "flax")]) == 0

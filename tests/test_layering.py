@@ -25,8 +25,8 @@ ALLOWED = {  # package -> the packages of ours it may import (besides itself and
     "pasd_jax.models": set(),
     "pasd_jax.schedulers": {"pasd_jax.models"},
     "pasd_jax.convert": {"pasd_jax.models"},
-    # the `python -m pasd_jax.convert` CLI is an entry point: `export` reads a training run
-    "pasd_jax.convert.__main__": {"pasd_jax.models", "pasd_jax.convert", "pasd_jax.runs"},
+    # the `pasd-convert` CLI: above runs, since `export` reads a training run
+    "pasd_jax.convert_cli": {"pasd_jax.models", "pasd_jax.convert", "pasd_jax.runs"},
     "pasd_jax.prompts": {"pasd_jax.models", "pasd_jax.convert"},
     "pasd_jax.runs": {"pasd_jax.models", "pasd_jax.convert", "pasd_jax.schedulers"},
     "pasd_jax.sampling": {"pasd_jax.models", "pasd_jax.convert", "pasd_jax.schedulers", "pasd_jax.prompts",
@@ -63,8 +63,9 @@ def _imports(path: pathlib.Path, name: str, top_level_only: bool = False) -> set
     """Modules of ours imported by a file (lazy imports inside functions too, unless `top_level_only`)."""
     tree = ast.parse(path.read_text(), str(path))
     nodes = tree.body if top_level_only else list(ast.walk(tree))
-    if top_level_only:  # include `if TYPE_CHECKING:`-free conditional imports at module level
-        nodes = [n for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))]
+    if top_level_only:  # module-level imports, including those under a module-level `if` (e.g. TYPE_CHECKING)
+        nodes = [m for n in nodes for m in ([n] if not isinstance(n, ast.If) else ast.walk(n))
+                 if isinstance(m, (ast.Import, ast.ImportFrom))]
     found = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in nodes:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from pasd_jax.convert.__main__ import main as convert_main
+from pasd_jax.convert_cli import main as convert_main
 from pasd_jax.convert.base import load_sd_base
 from pasd_jax.convert.cache import CacheEntryError, ConversionCache
 from pasd_jax.convert.family import ModelFamilyError

@@ -14,7 +14,7 @@ import pytest
 
 import reliability_trainer
 from configs import tiny
-from pasd_jax.convert.__main__ import main as convert_main
+from pasd_jax.convert_cli import main as convert_main
 from pasd_jax.errors import PasdError, WeightFileError
 from pasd_jax.runs import checkpoint as ckpt_lib
 from pasd_jax.train import layout as layout_lib

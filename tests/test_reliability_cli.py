@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from pasd_jax.convert.__main__ import main as convert_main
+from pasd_jax.convert_cli import main as convert_main
 from pasd_jax.convert.io import WeightFileError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

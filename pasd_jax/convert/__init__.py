@@ -4,8 +4,8 @@
 - `load_checkpoint(path)`: a PASD checkpoint (official folder, converted once and cached, or an imported one).
 - `load_sd_base(path)`: an SD1.x base from a diffusers folder or a single file.
 - `personalize(source, unet=..., ...)`: swap in a personalized base or merge a LoRA, keeping PACA.
-- `export_release(...)`, `import_official(...)`; CLI: `python -m pasd_jax.convert` (its `export` reads train.py runs
-  through `pasd_jax.runs.export_train_checkpoint`).
+- `export_release(...)`, `import_official(...)`; CLI: `pasd-convert` (`pasd_jax/convert_cli.py`, above `runs`:
+  its `export` reads train.py runs through `pasd_jax.runs.export_train_checkpoint`).
 """
 from pasd_jax.convert.base import load_sd_base
 from pasd_jax.convert.folders import (abstract_params, build_module, from_pytorch, init_params,

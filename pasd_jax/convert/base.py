@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -29,7 +28,7 @@ from pasd_jax.convert.family import LDM_CLIP, LDM_VAE, check_sd1
 from pasd_jax.convert.folders import (DIFFUSERS_STEMS, TEXT_ENCODER, TRANSFORMERS_STEMS, UNET, VAE,
                                       abstract_params, build_module, detect_kind, detect_unet_variant, style_of)
 from pasd_jax.convert.io import (PathLike, WeightFileError, aligned_copy, find_weight_file, load_weights,
-                                 read_json)
+                                 read_json, safetensors_header)
 from pasd_jax.convert.ldm import ASSETS_SD15, base_configs, ldm_to_diffusers
 from pasd_jax.convert.naming import torch_key
 from pasd_jax.convert.tree import torch_to_flax
@@ -74,27 +73,9 @@ def weight_file_shapes(path: PathLike) -> dict[str, TensorInfo]:
         raise WeightFileError(f"missing weight file {path}")
     if path.suffix != ".safetensors":
         return {k: TensorInfo(tuple(v.shape), str(v.dtype)) for k, v in load_weights(path).items()}
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
-            raise WeightFileError(f"{path} is not a readable safetensors file (header length {n}, file size "
-                                  f"{size}); it may be truncated or still downloading: fetch it again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightFileError(f"{path}: damaged safetensors header ({e}); fetch the file again") from e
-    out, end = {}, 0
-    for k, meta in header.items():
-        if k == "__metadata__":
-            continue
-        out[k] = TensorInfo(tuple(meta["shape"]), _ST_DTYPES.get(meta["dtype"], meta["dtype"]))
-        end = max(end, int(meta["data_offsets"][1]))
-    if 8 + n + end > size:
-        raise WeightFileError(f"{path} is truncated: its header describes {8 + n + end:,} bytes but the file has "
-                              f"{size:,}; fetch it again")
-    return out
+    header, _, _ = safetensors_header(path)  # checked against truncation
+    return {k: TensorInfo(tuple(m["shape"]), _ST_DTYPES.get(m["dtype"], m["dtype"]))
+            for k, m in header.items() if k != "__metadata__"}
 
 
 def check_family(path: PathLike, what: str | None = None) -> dict[str, TensorInfo]:

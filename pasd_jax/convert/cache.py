@@ -11,7 +11,7 @@ Writes go to a uniquely named temp file that is renamed into place, so concurren
 home directory) never leave a torn entry.
 
 Location: `$PASD_JAX_CACHE` if set (`off`, `0`, `false` or `none` turns caching off), else `$XDG_CACHE_HOME/pasd_jax`
-or `~/.cache/pasd_jax`. The same file format holds imported checkpoints (`python -m pasd_jax.convert import`).
+or `~/.cache/pasd_jax`. The same file format holds imported checkpoints (`pasd-convert import`).
 """
 from __future__ import annotations
 

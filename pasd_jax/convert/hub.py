@@ -126,7 +126,7 @@ def resolve(spec: PathLike, components: Sequence[str], *, subfolder: str | None 
         return _download(repo, revision, [sub], flag, shown) / sub
     prefix = f"{sub}/" if sub else ""
     patterns = _patterns(prefix, components, ".safetensors", extras=True)
-    if flag == "--ckpt":  # a folder written by `python -m pasd_jax.convert import`, uploaded as it is
+    if flag == "--ckpt":  # a folder written by `pasd-convert import`, uploaded as it is
         patterns += [f"{prefix}{FLAX_MARKER}"] + [f"{prefix}{c}/{FLAX_WEIGHTS}" for c in components]
     root = _download(repo, revision, patterns, flag, shown)
     folder = root / sub if sub else root

@@ -98,7 +98,7 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np
               "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def _safetensors_header(path: pathlib.Path) -> tuple[dict[str, Any], int, int]:
+def safetensors_header(path: pathlib.Path) -> tuple[dict[str, Any], int, int]:
     """(header, data start, file size) of a safetensors file, checked against truncation."""
     if not path.is_file():
         raise WeightFileError(f"missing weight file {path}")
@@ -130,7 +130,7 @@ class MappedSafetensors(Mapping[str, np.ndarray]):
 
     def __init__(self, path: PathLike, release: bool = False):
         self.path = pathlib.Path(path)
-        header, self._start, size = _safetensors_header(self.path)
+        header, self._start, size = safetensors_header(self.path)
         self.metadata = dict(header.pop("__metadata__", None) or {})
         self._meta = header
         self._release = release and hasattr(mmap, "MADV_DONTNEED")

@@ -242,7 +242,7 @@ def load_checkpoint(path: PathLike, *, dtype: Any = jnp.float32, param_dtype: An
     if not is_official_checkpoint(path):
         raise WeightFileError(f"{path} is not a PASD checkpoint ({describe_folder(path)}): expected unet/ and "
                               f"controlnet/ with config.json (an official folder) or {FLAX_MARKER} (a folder written "
-                              "by `python -m pasd_jax.convert import`)")
+                              "by `pasd-convert import`)")
     check_subfolders(path)
     out = {}
     for sub in SUBFOLDERS:

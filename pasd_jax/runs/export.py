@@ -2,7 +2,7 @@
 
 `restore_for_export(dir)` rebuilds the full PASD UNet (frozen SD base read from its fp32 folders + trained PACA)
 and the ControlNet; `export_pytorch` writes them as `unet/` + `controlnet/` folders; `export_train_checkpoint`
-writes a release (with its README and key checks). Used at the end of training, by `python -m pasd_jax.convert
+writes a release (with its README and key checks). Used at the end of training, by `pasd-convert
 export`, by `sample.py --ckpt <run dir>` and to fine-tune from a run. A run whose config sets
 `diffusion.export_scheduler` (colorization) also gets its scheduler config written to `scheduler/` beside the
 checkpoint folder, the release layout of `pasd_light_color/{checkpoint-180000, scheduler}`.
@@ -61,7 +61,7 @@ def _other_steps_hint(steps: list[int], broken: int, ckpt_dir: str | os.PathLike
     older = sorted((s for s in steps if s != broken), reverse=True)
     if not older:
         return "the run has no other step; nothing was changed on disk"
-    return (f"other steps on disk: {', '.join(map(str, older))}; export one with `python -m pasd_jax.convert "
+    return (f"other steps on disk: {', '.join(map(str, older))}; export one with `pasd-convert "
             f"export --ckpt {ckpt_dir} --step {older[0]} --out <folder>` (nothing was changed on disk)")
 
 

@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("weights")
     g.add_argument("--ckpt", required=True, help="PASD checkpoint: official folder (unet/ + controlnet/), "
-                   "a `python -m pasd_jax.convert import` folder, a train.py work dir, or a Hugging Face name "
+                   "a `pasd-convert import` folder, a train.py work dir, or a Hugging Face name "
                    "org/name[:subfolder] (e.g. yangtao9009/PASD:pasd/checkpoint-100000)")
     g.add_argument("--ckpt-subfolder", default=None, help="folder inside --ckpt holding unet/ and controlnet/")
     g.add_argument("--base", default=None, help="SD1.5 base (diffusers folder or single file, or a Hugging Face "

@@ -1,7 +1,7 @@
 """Everything `sample.py` needs from disk: the PASD checkpoint, the SD1.5 base, and optional personalization.
 
 `--ckpt` is an official PyTorch PASD folder (converted once, then served from the conversion cache), a folder
-written by `python -m pasd_jax.convert import`, or a `train.py` work dir / checkpoint. `--base` supplies the VAE,
+written by `pasd-convert import`, or a `train.py` work dir / checkpoint. `--base` supplies the VAE,
 text encoder, tokenizer and scheduler config (a diffusers SD1.5 folder or a single file); a `train.py` checkpoint
 remembers its base, so there it is optional.
 """
@@ -70,7 +70,7 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
     ckpt = pathlib.Path(ckpt)
     if not ckpt.exists():
         raise WeightFileError(f"--ckpt {ckpt} does not exist: give an official PASD checkpoint folder (with unet/ "
-                              "and controlnet/), a folder from `python -m pasd_jax.convert import`, or a train.py "
+                              "and controlnet/), a folder from `pasd-convert import`, or a train.py "
                               "work dir")
     notes: list[str] = []
     scheduler = None  # checked before any weight is read

@@ -14,7 +14,7 @@ replicated unless the batch divides evenly, so one large image uses every device
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,16 @@ from pasd_jax.sampling import denoise as core
 from pasd_jax.sampling import tiling
 from pasd_jax.sampling.options import DTYPES, SamplingOptions
 
-if TYPE_CHECKING:
-    from pasd_jax.sampling.pipeline import PASDPipeline
+
+class Pipeline(Protocol):
+    """What the tiled path uses of `pipeline.PASDPipeline` (which calls into this module)."""
+    mesh: Any
+    eps_fn_factory: Callable[[Any], core.EpsFn]
+    latent_factor: int
+
+    def place(self, dtype_name: str) -> Any: ...
+    def program(self, key: tuple, build: Callable[[], Callable]) -> Callable: ...
+    def traced(self, name: str) -> None: ...
 
 
 def tiled_update(sched: Any, layout: tiling.TileLayout, chunk: int, carry: Any, i: jax.Array,
@@ -40,12 +48,12 @@ def tiled_update(sched: Any, layout: tiling.TileLayout, chunk: int, carry: Any, 
     return carry, tiling.latent_tiles(carry.sample, layout, chunk)
 
 
-def tile_batch(pipe: "PASDPipeline", options: SamplingOptions) -> int:
+def tile_batch(pipe: Pipeline, options: SamplingOptions) -> int:
     """Tiles per model call: `options.tile_batch` rounded up to a multiple of the device count."""
     return sharding.round_up(options.tile_batch, pipe.mesh.size)
 
 
-def tile_model(pipe: "PASDPipeline", options: SamplingOptions, tile: int, context_tail: tuple) -> Callable:
+def tile_model(pipe: Pipeline, options: SamplingOptions, tile: int, context_tail: tuple) -> Callable:
     """The shared ControlNet + UNet program: one chunk of `tile_batch` tiles of side `tile` (keyed by nothing
     size-dependent, so every large image reuses it)."""
     placed = pipe.place(options.dtype)
@@ -63,7 +71,7 @@ def tile_model(pipe: "PASDPipeline", options: SamplingOptions, tile: int, contex
     return pipe.program(("tiled_model", chunk, tile, tuple(context_tail), options.dtype), build)
 
 
-def tile_noise_fn(pipe: "PASDPipeline", options: SamplingOptions, tile: int) -> Callable[..., jax.Array]:
+def tile_noise_fn(pipe: Pipeline, options: SamplingOptions, tile: int) -> Callable[..., jax.Array]:
     """The guided noise estimate for one chunk of tiles, as the sampler calls it (for tests and benchmarks):
     f(z [c, 4, tile, tile], t, context [c, k, 77, D], cond [c, 3, 8 tile, 8 tile]) -> eps [c, 4, tile, tile] with
     c = tile_batch, k = 2 with guidance (else 1), and the options' guidance and conditioning scale."""
@@ -84,7 +92,7 @@ def tile_noise_fn(pipe: "PASDPipeline", options: SamplingOptions, tile: int) -> 
     return f
 
 
-def run_tiled(pipe: "PASDPipeline", options: SamplingOptions, sched: Any, vt: Any, images: jax.Array,
+def run_tiled(pipe: Pipeline, options: SamplingOptions, sched: Any, vt: Any, images: jax.Array,
               context: jax.Array, drawn: dict, scalars: core.Scalars, debug: bool,
               on_step: Callable[[int, int], None] | None = None) -> dict:
     placed = pipe.place(options.dtype)

@@ -1,4 +1,5 @@
-"""`python -m pasd_jax.convert {export,import,cache}`: PASD checkpoints between pasd-jax and the official layout.
+"""`pasd-convert {export,import,cache}` (or `python -m pasd_jax.convert_cli`): PASD checkpoints between pasd-jax
+and the official layout. It stands above `runs` (export reads a training run), so it is not part of `convert`.
 
   export --ckpt <train.py checkpoint dir> --out <folder> [--step N] [--overwrite]
       unet/ + controlnet/ in the official PyTorch layout (fp32) and a README of what was trained.
@@ -20,7 +21,7 @@ from pasd_jax.safe_write import OutputPathError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pasd_jax.convert", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="pasd-convert", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="train.py checkpoint -> official PyTorch PASD folder")
