@@ -36,8 +36,13 @@ class LoadedImage:
     source_mode: str           # PIL mode of the file, for reporting
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """High-bit-depth or float single-channel data -> uint8 with rounding."""
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def to_uint8(arr: np.ndarray, high_byte: bool = False) -> np.ndarray:
+    """High-bit-depth or float single-channel data -> uint8. Float data in [0, 1] is scaled by 255; 16-bit data
+    (values above 255) maps 65535 -> 255, rounded (x / 257), or by its high byte (x >> 8, what OpenCV's 8-bit
+    conversion and so basicsr's metric scripts do); 8-bit values stored wide stay as they are."""
     if arr.dtype == np.uint8:
         return arr
     if np.issubdtype(arr.dtype, np.floating):
@@ -45,16 +50,15 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
         scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
         return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
     arr = arr.astype(np.int64)
-    # 16-bit data (PNG 'I;16' or 'I' holding 0..65535) maps 65535 -> 255; 8-bit values stored wide stay as they are.
     if arr.max(initial=0) > 255:
-        return np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        arr = arr >> 8 if high_byte else np.rint(arr / 257.0)
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
 def _convert(img: Image.Image) -> LoadedImage:
     mode = img.mode
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        gray = _to_uint8(np.asarray(img))
+    if mode in WIDE_MODES:
+        gray = to_uint8(np.asarray(img))
         return LoadedImage(np.repeat(gray[..., None], 3, axis=-1), None, mode)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
     if has_alpha:

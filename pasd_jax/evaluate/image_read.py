@@ -12,20 +12,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pasd_jax.evaluate.errors import ImageReadError
+from pasd_jax.image_io import IMAGE_SUFFIXES as _ALL_SUFFIXES
+from pasd_jax.image_io import WIDE_MODES, to_uint8
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
-    if np.issubdtype(arr.dtype, np.floating):
-        arr = np.nan_to_num(arr.astype(np.float64))
-        scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
-        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-    arr = arr.astype(np.int64)
-    if arr.max(initial=0) > 255:  # 16-bit samples: keep the high byte, as OpenCV's 8-bit conversion does
-        arr = arr >> 8
-    return np.clip(arr, 0, 255).astype(np.uint8)
+IMAGE_SUFFIXES = tuple(x for x in _ALL_SUFFIXES if x != ".gif")  # the still-image formats of the benchmarks
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -35,8 +25,8 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            if img.mode in _WIDE_MODES:
-                gray = _wide_to_uint8(np.asarray(img))
+            if img.mode in WIDE_MODES:
+                gray = to_uint8(np.asarray(img), high_byte=True)
                 return np.repeat(gray[..., None], 3, axis=-1)
             return np.ascontiguousarray(np.asarray(img.convert("RGB")))
     except FileNotFoundError:
