@@ -30,7 +30,7 @@ from pasd_jax.train import data as data_lib
 from pasd_jax.train import layout as layout_lib
 from pasd_jax.train import resume as resume_lib
 from pasd_jax.train import setup
-from pasd_jax import sharding
+from pasd_jax import distributed, sharding
 from pasd_jax.sharding import trainable_split
 from pasd_jax.runs.export import export_pytorch, run_scheduler_to_export, write_scheduler_beside
 from pasd_jax.train.metrics import BadDataLog, MetricsWriter
@@ -59,16 +59,11 @@ class RunResult:
 
 
 def init_distributed(dc) -> None:
-    """jax.distributed.initialize(); unset values are auto-detected from the cluster environment."""
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU runs (tests)
-    kw = {}
-    if dc.coordinator_address:
-        kw["coordinator_address"] = dc.coordinator_address
-    if int(dc.num_processes) > 0:
-        kw["num_processes"] = int(dc.num_processes)
-    if int(dc.process_id) >= 0:
-        kw["process_id"] = int(dc.process_id)
-    jax.distributed.initialize(**kw)
+    """jax.distributed.initialize() with pasd-sample's launch rules; unset values are auto-detected from the
+    cluster environment."""
+    distributed.initialize(distributed.launch_from(
+        "on", dc.coordinator_address or None, int(dc.num_processes) if int(dc.num_processes) > 0 else None,
+        int(dc.process_id) if int(dc.process_id) >= 0 else None))
 
 
 @functools.lru_cache(maxsize=4)
