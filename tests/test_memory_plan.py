@@ -128,3 +128,29 @@ def test_step_estimate_tracks_compiled_temporaries(tiny):
     est, _ = memory.denoise_bytes(tiny, 2, 32, 32, "float32", "cpu")
     print(f"\ntiny step at 256 px: estimate {est / 1e6:.1f} MB, compiled temporaries {temp / 1e6:.1f} MB")
     assert 0.7 * temp <= est <= 1.5 * temp  # calibration: 22.7 MB compiled (flash kernel), estimate 22.5 MB
+
+
+def test_runner_refuses_a_size_that_cannot_fit_before_compiling(golden_dir, shared_dir, tmp_path, monkeypatch):
+    """Issue 13.5 from the user's side: the folder runner asks the plan per processed size; an image that
+    cannot fit fails with the size, the estimate and the flags, and nothing is compiled."""
+    import shutil
+
+    from pasd_jax.sampling import PASDPipeline, load_for_sampling
+    from pasd_jax.sampling.runner import RunSettings, memory_options, run
+
+    loaded = load_for_sampling(golden_dir / "tiny_pasd", base=golden_dir / "tiny_pipeline", cache=False)
+    pipe = PASDPipeline(loaded.models, loaded.params, loaded.scheduler_config, loaded.tokenizer_dir)
+    opts = SamplingOptions(steps=2)
+    monkeypatch.setenv(memory.ENV, "64G")
+    assert memory_options(pipe, opts, (64, 64), 1) == (opts, None)  # fits: the request as it is
+    monkeypatch.setenv(memory.ENV, "1M")
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(shared_dir / "examples" / "Set5" / "bird.png", src / "bird.png")
+    summary = run(pipe, opts, src, tmp_path / "out", RunSettings(process_size=64), lambda img, rel: "",
+                  progress=False)
+    print(summary.failed)
+    assert [rel for rel, _ in summary.failed] == ["bird.png"] and not summary.written
+    msg = summary.failed[0][1]
+    assert "needs about" in msg and "PASD_MEMORY_BUDGET" in msg and "--process-size" in msg
+    assert pipe.trace_count == 0  # refused before any program was traced

@@ -32,7 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pasd_jax.image_io import ImageReadError, read_image
-from pasd_jax.sampling import tasks, tiling
+from pasd_jax.sampling import memory, tasks, tiling
+from pasd_jax.sampling.options import SamplingOptions
 from pasd_jax.sampling.plan import Item, Plan, check_output, make_plan
 from pasd_jax.sampling.summary import Summary
 from pasd_jax.sampling.tasks import COLOR_FIXES
@@ -88,6 +89,23 @@ def batch_size(settings: RunSettings, sampler, options, size: tuple[int, int]) -
     if mesh is None or (tile and tiling.needs_tiling(size[1] // f, size[0] // f, tile)):
         return 1
     return int(mesh.size)
+
+
+def memory_options(sampler, options, size: tuple[int, int], batch: int) -> tuple[Any, str | None]:
+    """The options a processed size (w, h) is sampled with, from the memory plan (`sampling.memory`): the
+    requested ones when they fit the budget, else ones that do (latent tiles, tiled VAE), else (options, the
+    message naming the size, the estimate and the flags that help). Stand-in samplers without models pass through."""
+    models = getattr(sampler, "models", None)
+    if models is None or not isinstance(options, SamplingOptions):
+        return options, None
+    mesh = getattr(sampler, "mesh", None)
+    mp = memory.plan(models, options, size[1], size[0], batch=batch, devices=int(mesh.size) if mesh else 1,
+                     params=getattr(sampler, "params", None))
+    if not mp.fits:
+        return options, mp.message
+    if mp.changes:
+        print(f"memory plan: {mp.message}", file=sys.stderr)
+    return mp.options, None
 
 
 def image_key(seed: int, relative: str) -> jax.Array:
@@ -195,17 +213,23 @@ class _Run:
 def execute(sampler: Sampler, options, plan: Plan, settings: RunSettings, prompt_fn: PromptFn, *,
             progress: bool = True, stop: Callable[[], bool] | None = None) -> Summary:
     """Sample `plan`'s items into their outputs; `stop()` is asked between batches (a signal was received)."""
-    batches, sizes = [], []
+    state = _Run(plan, settings, progress)
+    batches, sizes, batch_options = [], [], []
     for size, group in plan.groups.items():
         bs = batch_size(settings, sampler, options, size)
+        group_options, refusal = memory_options(sampler, options, size, bs)
+        if refusal is not None:  # found before anything compiles or runs out of memory
+            for item in group:
+                state.record(item, "failed", refusal)
+            continue
         for i in range(0, len(group), bs):
             batches.append(group[i:i + bs])
             sizes.append(bs)
+            batch_options.append(group_options)
     pool = ThreadPoolExecutor(settings.io_threads, "pasd-io") if settings.io_threads else None
     submit = pool.submit if pool else _now
     ahead = PREFETCH if pool else 0
     loads: collections.deque[Future] = collections.deque(submit(_load, b, settings) for b in batches[:ahead])
-    state = _Run(plan, settings, progress)
     on_step = state.on_step if progress and _accepts_on_step(sampler) else None
     done = 0
     try:
@@ -216,7 +240,7 @@ def execute(sampler: Sampler, options, plan: Plan, settings: RunSettings, prompt
             if ahead and k + ahead < len(batches):
                 loads.append(submit(_load, batches[k + ahead], settings))
             done = k + 1
-            _sample_batch(sampler, options, ready, settings, prompt_fn, state, submit, on_step, sizes[k])
+            _sample_batch(sampler, batch_options[k], ready, settings, prompt_fn, state, submit, on_step, sizes[k])
             state.drain(keep=2 * len(batch))  # bounded: decoded results waiting for the encoder cost memory
     finally:
         state.drain()
