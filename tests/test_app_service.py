@@ -241,3 +241,18 @@ def test_page_queues_runs_one_at_a_time(tmp_path):
     assert len(runs) == 1 and runs[0].queue and runs[0].concurrency_limit == 1
     assert runs[0].concurrency_id == "device"
     assert all(not fn.queue for fn in demo.fns.values() if fn.name == "preview")  # instant, never behind a job
+
+
+def test_memory_plan_refuses_before_sampling_and_the_session_goes_on(tmp_path, monkeypatch):
+    """With real models the page asks the memory plan first, as pasd-sample does: a request that cannot fit is a
+    message naming the size, the estimate and the flags, nothing is compiled, and the next request works."""
+    from pasd_jax.sampling import memory
+
+    session = Session.load(None, output_dir=tmp_path / "out")  # the embedded tiny models
+    path = _image(tmp_path / "photo.png")
+    monkeypatch.setenv(memory.ENV, "1M")
+    with pytest.raises(AppError, match="needs about .* more than the 1 MB budget"):
+        session.run(path, Settings(process_size=64, steps=1, dtype="float32"))
+    assert session.pipeline(tasks.SR).trace_count == 0
+    monkeypatch.setenv(memory.ENV, "64G")
+    assert session.run(path, Settings(process_size=64, steps=1, dtype="float32")).image.shape == (32, 40, 3)

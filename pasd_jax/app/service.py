@@ -36,7 +36,7 @@ from pasd_jax.sampling import tasks
 from pasd_jax.convert.io import WeightFileError
 from pasd_jax.sampling.loading import Loaded, load_for_sampling, scheduler_beside_checkpoint
 from pasd_jax.sampling.pipeline import PASDPipeline
-from pasd_jax.sampling.runner import image_key
+from pasd_jax.sampling.runner import image_key, memory_options
 from pasd_jax.app.presets import SAMPLE_DEFAULTS, Settings
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,13 @@ class Session:
             negative = settings.negative_prompt  # as given: the page fills in the task's default
             pipe = self.pipeline(settings.task)
             traces = pipe.trace_count
+            h, w = prepared.lq.shape[:2]
+            options, refusal = memory_options(pipe, settings.options(), (w, h), 1)  # as pasd-sample plans it
+            if refusal is not None:
+                raise AppError(refusal)
             try:
                 out = pipe.sample(prepared.lq[None], [prompt], [negative], image_key(settings.seed, name)[None],
-                                       settings.options(), on_step=on_step)[0]
+                                  options, on_step=on_step)[0]
             except Exception as e:  # noqa: BLE001 - device OOM comes as a runtime error; keep serving after it
                 if is_out_of_memory(e):
                     raise AppError(f"the image is too large for this device's memory at {size[0]}x{size[1]} "
