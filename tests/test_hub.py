@@ -103,3 +103,19 @@ def test_sample_cli_reports_an_uncached_name(hf_cache, tmp_path, capsys):
                      "--output", str(tmp_path / "out"), "--no-cache", "--no-compile-cache", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "--base someone/not-cached" in err and "not in the cache" in err, err
+
+
+def test_checkpoint_download_includes_the_scheduler_beside_it(hf_cache, monkeypatch):
+    """A colour release keeps scheduler/ beside checkpoint-N: a --ckpt name fetches it with the weights."""
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(repo, **kw):
+        asked.append(kw.get("allow_patterns"))
+        return real(repo, **kw)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    hub.resolve_pasd(f"{PASD}:{SUB}")
+    assert "pasd/scheduler/scheduler_config.json" in asked[0]
+    assert f"{SUB}/unet/config.json" in asked[0]

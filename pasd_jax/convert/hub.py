@@ -128,6 +128,10 @@ def resolve(spec: PathLike, components: Sequence[str], *, subfolder: str | None 
     patterns = _patterns(prefix, components, ".safetensors", extras=True)
     if flag == "--ckpt":  # a folder written by `pasd-convert import`, uploaded as it is
         patterns += [f"{prefix}{FLAX_MARKER}"] + [f"{prefix}{c}/{FLAX_WEIGHTS}" for c in components]
+        # the release layout keeps a scheduler beside the checkpoint (pasd_light_color/scheduler next to
+        # pasd_light_color/checkpoint-180000): colorization samples with it
+        parent = sub.rpartition("/")[0]
+        patterns.append(f"{parent + '/' if parent else ''}scheduler/scheduler_config.json")
     root = _download(repo, revision, patterns, flag, shown)
     folder = root / sub if sub else root
     if (folder / FLAX_MARKER).is_file():
