@@ -119,3 +119,21 @@ def test_checkpoint_download_includes_the_scheduler_beside_it(hf_cache, monkeypa
     hub.resolve_pasd(f"{PASD}:{SUB}")
     assert "pasd/scheduler/scheduler_config.json" in asked[0]
     assert f"{SUB}/unet/config.json" in asked[0]
+
+
+def test_training_base_by_name(hf_cache, golden_dir, monkeypatch):
+    """train.py's model.base takes a name too: resolved to the cached folder before the config checks."""
+    from configs import tiny
+    from pasd_jax.train.loop import resolve_hub_names
+
+    snap = _repo(hf_cache, "someone/tiny-sd")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        src = golden_dir / ("tiny_pasd" if part == "unet" else "tiny_pipeline") / part
+        shutil.copytree(src, snap / part)
+    config = tiny.get_config()
+    config.model.base = "someone/tiny-sd"
+    resolve_hub_names(config)
+    assert config.model.base == str(snap)
+    config.model.base = "nobody/not-cached"
+    with pytest.raises(WeightFileError, match="model.base nobody/not-cached"):
+        resolve_hub_names(config)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.convert import hub
 from pasd_jax.convert.folders import CONTROLNET, UNET
 from pasd_jax.schedulers.schedule import alphas_cumprod_from_betas, effective_config, load_config, make_betas
 from pasd_jax.runs import checkpoint as ckpt_lib
@@ -64,6 +65,16 @@ def init_distributed(dc) -> None:
     distributed.initialize(distributed.launch_from(
         "on", dc.coordinator_address or None, int(dc.num_processes) if int(dc.num_processes) > 0 else None,
         int(dc.process_id) if int(dc.process_id) >= 0 else None))
+
+
+def resolve_hub_names(config) -> None:
+    """`model.base` given as a Hugging Face name (`org/name[@rev][:subfolder]`) -> its folder in the HF cache,
+    fetched (UNet, VAE, text encoder, tokenizer, scheduler) as pasd-sample fetches its base; local paths win."""
+    base = config.model.base
+    if base and hub.is_hub_name(base):
+        with config.unlocked():
+            config.model.base = str(hub.resolve_base(base, components=(UNET, "vae", "text_encoder"),
+                                                     flag="model.base"))
 
 
 @functools.lru_cache(maxsize=4)
@@ -225,6 +236,7 @@ def train(config, workdir: str | pathlib.Path, *, make_iterator: IteratorFactory
     t_start = time.perf_counter()
     if config.distributed.enabled:
         init_distributed(config.distributed)
+    resolve_hub_names(config)
     validate(config, n_devices=jax.device_count(), process_count=jax.process_count())
     resume_lib.check_mode(resume)
     workdir = pathlib.Path(workdir).absolute()
