@@ -18,6 +18,9 @@ import time
 import pytest
 
 from pasd_jax.convert_cli import main as convert_main
+from tests.processes import alive as _alive
+from tests.processes import children as _children
+from tests.processes import wait_gone
 from pasd_jax.convert.io import WeightFileError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -126,25 +129,6 @@ def _trainer(work, *flags, **env):
                             cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _children(pid: int) -> list[int]:
-    import psutil
-
-    return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-
-
-def _alive(pids: list[int]) -> list[int]:
-    import psutil
-
-    out = []
-    for p in pids:
-        try:
-            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _wait_for_training(proc, work, timeout=240) -> list[int]:
     """Once a step is logged (the loader's worker is up), the trainer's child processes."""
     t0 = time.time()
@@ -166,9 +150,7 @@ def test_sigkilled_trainer_leaves_no_worker(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         t0 = time.time()
-        while _alive(kids) and time.time() - t0 < 10:
-            time.sleep(0.2)
-        left = _alive(kids)
+        left = wait_gone(kids)
         print(f"children {kids}; alive {time.time() - t0:.1f}s after SIGKILL: {left}")
         assert not left, "Grain workers outlived their trainer"  # today: still there minutes later, parent 1
     finally:
@@ -188,10 +170,7 @@ def test_sigterm_exits_143_and_nan_stop_leaks_nothing(tmp_path):
     print(out[-500:], err[-1000:])
     assert proc.returncode == 143  # today: 0, so a scheduler takes the preempted run for a finished one
     assert "stopped by signal 15" in out
-    t0 = time.time()  # Grain workers leave on their own once the trainer is gone; under load that takes a moment
-    while _alive(kids) and time.time() - t0 < 10:
-        time.sleep(0.2)
-    assert not _alive(kids)
+    assert not wait_gone(kids)  # Grain workers leave on their own once the trainer is gone: under load, a moment
     proc = _trainer(tmp_path / "nan", "--config.steps=6", "--config.checkpoint_every=2", FAKE_NAN_AT="3")
     out, err = proc.communicate(timeout=300)
     print(out[-500:], err[-1000:])

@@ -28,6 +28,7 @@ from pasd_jax.errors import DataError
 from pasd_jax.train import layout as layout_lib
 from pasd_jax.train import loop
 from pasd_jax.train.metrics import read_metrics
+from tests.processes import children, wait_gone
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BAD_DATA_FILE = "bad_data.jsonl"  # (documented in the README; pasd_jax.train.metrics.BAD_DATA_FILE)
@@ -120,32 +121,17 @@ sys.stdin.read()
 
 
 def test_loader_workers_exit_when_their_parent_is_killed():
-    import psutil
-
     proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], cwd=REPO, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     kids: list[int] = []
     try:
         assert proc.stdout.readline().strip() == "ready"
-        kids = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        kids = children(proc.pid)
         assert kids, "no worker process"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         t0 = time.time()
-
-        def alive():
-            out = []
-            for p in kids:
-                try:
-                    if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                        out.append(p)
-                except psutil.NoSuchProcess:
-                    pass
-            return out
-
-        while alive() and time.time() - t0 < 10:
-            time.sleep(0.1)
-        left = alive()
+        left = wait_gone(kids)
         print(f"children {kids}: {left} alive {time.time() - t0:.1f}s after SIGKILL")
         assert not left  # today: the worker blocks on its full queue forever, re-parented to pid 1
     finally:
