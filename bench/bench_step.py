@@ -86,6 +86,24 @@ def make_checkpoint(model: str, variant: str, folder: str) -> None:
         to_pytorch(module, host_params(module, 0, stream=sub), os.path.join(folder, sub))
 
 
+def make_base(model: str, folder: str) -> None:
+    """A diffusers-layout SD base with random VAE and text-encoder weights beside the shipped tokenizer, scheduler
+    and UNet configs: with `--make-checkpoint`, everything `pasd-sample --ckpt --base` reads, for the end-to-end
+    memory measurement without a download."""
+    import shutil
+
+    from pasd_jax.convert.folders import to_pytorch
+
+    assets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pasd_jax", "assets", model)
+    for sub in ("tokenizer", "scheduler", "unet"):
+        if os.path.isdir(os.path.join(assets, sub)):
+            shutil.copytree(os.path.join(assets, sub), os.path.join(folder, sub), dirs_exist_ok=True)
+    for kind in ("vae", "text_encoder"):
+        module = build_module(kind, load_config(model, kind), dtype=jnp.float32, param_dtype=jnp.float32)
+        stage(f"writing random {kind} weights to {folder}/{kind}")
+        to_pytorch(module, host_params(module, 0, stream=kind), os.path.join(folder, kind))
+
+
 def make_step(unet, cn, guidance: float = 9.0):
     @jax.jit
     def step(unet_params, cn_params, latents, t, context, cond):
@@ -164,7 +182,11 @@ def main() -> None:
     p.add_argument("--xla-options", default="auto", choices=["auto", "none"],
                    help="auto: pasd_jax.sampling.xla_options for this backend; none: XLA's defaults")
     p.add_argument("--weights", default="random", help="'random' or an official-layout PASD checkpoint folder")
-    p.add_argument("--make-checkpoint", metavar="DIR", default=None)
+    p.add_argument("--make-checkpoint", metavar="DIR", default=None,
+                   help="write an official-layout PASD checkpoint (unet/ + controlnet/) with random weights and exit")
+    p.add_argument("--make-base", metavar="DIR", default=None,
+                   help="write an SD base folder with random VAE / text-encoder weights (for pasd-sample --base) "
+                        "and exit")
     p.add_argument("--compare-official", action="store_true",
                    help="alternate fresh processes of this step and the official one (bench/step_compare.py)")
     p.add_argument("--rounds", type=int, default=3, help="with --compare-official: ours/official pairs per size")
@@ -172,8 +194,11 @@ def main() -> None:
     p.add_argument("--official-python", default=None, help="with --compare-official: python with torch+diffusers")
     p.add_argument("--out", default=None)
     a, _ = p.parse_known_args()
-    if a.make_checkpoint:
-        make_checkpoint(a.model, a.variant, a.make_checkpoint)
+    if a.make_checkpoint or a.make_base:
+        if a.make_checkpoint:
+            make_checkpoint(a.model, a.variant, a.make_checkpoint)
+        if a.make_base:
+            make_base(a.model, a.make_base)
         return
     if a.compare_official:
         from bench.step_compare import compare

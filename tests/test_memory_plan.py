@@ -154,3 +154,31 @@ def test_runner_refuses_a_size_that_cannot_fit_before_compiling(golden_dir, shar
     msg = summary.failed[0][1]
     assert "needs about" in msg and "PASD_MEMORY_BUDGET" in msg and "--process-size" in msg
     assert pipe.trace_count == 0  # refused before any program was traced
+
+
+def test_cpu_bf16_counts_the_fp32_copies_xla_makes(tiny):
+    """XLA's CPU backend widens bf16 weights to fp32 up front (all copies live at once): the plan counts them, and
+    `--dtype auto` picks float32 on a CPU."""
+    import jax
+
+    from pasd_jax.sampling.options import resolve_dtype
+
+    ws = [jnp.ones((512, 512), jnp.bfloat16) for _ in range(4)]
+
+    def chain(ws, x):
+        for w in ws:
+            x = jnp.tanh(x @ w)
+        return x
+    temp = jax.jit(chain).lower(ws, jnp.ones((8, 512), jnp.bfloat16)).compile().memory_analysis().temp_size_in_bytes
+    fp32 = 4 * 512 * 512 * 4
+    print(f"\n4 bf16 weights of 512x512: compiled temporaries {temp / 2**20:.2f} MB, their fp32 copies "
+          f"{fp32 / 2**20:.2f} MB")
+    if jax.default_backend() == "cpu":
+        assert temp >= fp32
+    bf16 = memory.estimate(tiny, SamplingOptions(dtype="bfloat16"), 128, 128, backend="cpu")
+    f32 = memory.estimate(tiny, SamplingOptions(dtype="float32"), 128, 128, backend="cpu")
+    gpu = memory.estimate(tiny, SamplingOptions(dtype="bfloat16"), 128, 128, backend="gpu")
+    want = sum(memory._param_bytes(getattr(tiny, c), 4) for c in ("unet", "controlnet", "vae"))
+    assert bf16.widened == want and f32.widened == 0 and gpu.widened == 0
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("auto", "gpu") == "bfloat16"
+    assert resolve_dtype("float16", "cpu") == "float16"

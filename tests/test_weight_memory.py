@@ -75,3 +75,78 @@ def test_conversion_prints_stages(golden_dir, tmp_path, monkeypatch, caplog):
         "writing the converted weights " + next(cache.root.glob("*.safetensors")).name,
         "reading and checking the converted weights"]
     assert sum("done in" in line for line in lines) == 3
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * io.mmap.PAGESIZE
+
+
+def _mapped_tree(tmp_path, mb: int) -> dict:
+    n = mb * 2 ** 20 // 4 // 8
+    rng = np.random.default_rng(0)
+    tensors = {f"w{i}": rng.standard_normal((n // 256, 256), dtype=np.float32) for i in range(8)}
+    path = io.write_safetensors(tensors, tmp_path / "big.safetensors")
+    del tensors
+    return dict(io.map_safetensors(path))
+
+
+def test_released_views_leave_resident_memory_and_stay_valid(tmp_path):
+    views = _mapped_tree(tmp_path, 128)
+    sums = {k: float(v.sum()) for k, v in views.items()}  # every page touched, as the cache checksum does
+    before = _resident_bytes()
+    assert all(io.release_pages(v) for v in views.values())
+    after = _resident_bytes()
+    print(f"\nresident {before / 2**20:.0f} MB -> {after / 2**20:.0f} MB after releasing 128 MB of mapped views")
+    assert before - after > 100 * 2 ** 20
+    assert {k: float(v.sum()) for k, v in views.items()} == sums  # read again from the page cache
+    assert not io.release_pages(np.ones(4)) and not io.release_pages(jax.numpy.ones(4))
+
+
+def test_host_params_placed_leaf_by_leaf_in_the_compute_dtype(tmp_path):
+    """PASDPipeline.place: the peak is the placed bf16 tree plus one leaf, not fp32 host + device + cast copies."""
+    import jax.numpy as jnp
+
+    from pasd_jax import sharding
+    from pasd_jax.sampling.pipeline import _place_host_tree
+
+    views = _mapped_tree(tmp_path, 128)
+    want = {k: np.asarray(jnp.asarray(v).astype(jnp.bfloat16)) for k, v in views.items()}  # XLA's cast
+    for v in views.values():
+        io.release_pages(v)
+    before = _resident_bytes()
+    placed = _place_host_tree(views, jnp.bfloat16, sharding.replicated(sharding.make_mesh()))
+    grown = _resident_bytes() - before
+    print(f"\nplacing 128 MB of fp32 views as bf16 grew the resident memory by {grown / 2**20:.0f} MB")
+    assert grown < 64 * 2 ** 20 + 24 * 2 ** 20  # the 64 MB bf16 tree + one 16 MB source leaf in flight + slack
+    assert all(placed[k].dtype == jnp.bfloat16 and np.array_equal(np.asarray(placed[k]), want[k]) for k in want)
+
+
+def test_cast_while_loading_releases_each_mapped_source_leaf(tmp_path):
+    """convert.base.to_device in another dtype (load_for_sampling(param_dtype=bf16)): one leaf copied at a time,
+    its mapped source dropped, so the peak is the cast tree, not the fp32 file beside it."""
+    import jax.numpy as jnp
+
+    views = _mapped_tree(tmp_path, 128)
+    want = {k: np.asarray(jnp.asarray(v).astype(jnp.bfloat16)) for k, v in views.items()}
+    for v in views.values():
+        io.release_pages(v)
+    before = _resident_bytes()
+    placed = to_device(views, jnp.bfloat16)
+    grown = _resident_bytes() - before
+    print(f"\ncasting 128 MB of fp32 views to bf16 while loading grew the resident memory by {grown / 2**20:.0f} MB")
+    assert grown < 64 * 2 ** 20 + 24 * 2 ** 20  # the 64 MB bf16 tree + one 16 MB source leaf + slack
+    assert all(np.array_equal(np.asarray(placed[k]), want[k]) for k in want)
+
+
+def test_a_fresh_conversion_is_returned_as_views_of_its_cache_entry(tmp_path):
+    """The converted in-memory tree is freed once written: the caller gets views of the entry (checked)."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"weights")
+    cache = ConversionCache(tmp_path / "cache")
+    tree = {"block": {"kernel": np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "bias": np.ones(3, np.float32)}}
+    params, meta = cache.load_or_convert([source], {"op": "test"}, lambda: (tree, {"kind": "test"}))
+    assert cache.stats.conversions == 1 and meta == {"kind": "test"}
+    leaves = flatten_dict(params)
+    assert all(io._mapping_of(x) is not None for x in leaves.values())
+    assert all(np.array_equal(leaves[k], v) for k, v in flatten_dict(tree).items())

@@ -28,7 +28,7 @@ from pasd_jax.convert.family import LDM_CLIP, LDM_VAE, check_sd1
 from pasd_jax.convert.folders import (DIFFUSERS_STEMS, TEXT_ENCODER, TRANSFORMERS_STEMS, UNET, VAE,
                                       abstract_params, build_module, detect_kind, detect_unet_variant, style_of)
 from pasd_jax.convert.io import (PathLike, WeightFileError, aligned_copy, find_weight_file, load_weights,
-                                 read_json, safetensors_header)
+                                 read_json, release_pages, safetensors_header)
 from pasd_jax.convert.ldm import ASSETS_SD15, base_configs, ldm_to_diffusers
 from pasd_jax.convert.naming import torch_key
 from pasd_jax.convert.tree import torch_to_flax
@@ -119,7 +119,8 @@ def _place_leaf(a: Any, dtype: np.dtype) -> jax.Array:
         return a if a.dtype == dtype else a.astype(dtype)
     a = np.asarray(a)
     if a.dtype != dtype or not a.flags.c_contiguous:
-        a = aligned_copy(a, dtype)  # one host copy, in the target dtype, that the CPU device can alias
+        source, a = a, aligned_copy(a, dtype)  # one host copy, in the target dtype, that the CPU device can alias
+        release_pages(source)  # a mapped cache view read once: its pages leave the resident memory
     return jax.device_put(a)
 
 

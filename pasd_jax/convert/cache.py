@@ -27,7 +27,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from pasd_jax.convert import progress
-from pasd_jax.convert.io import PathLike, WeightFileError, map_safetensors, write_safetensors
+from pasd_jax.convert.io import PathLike, WeightFileError, map_safetensors, release_pages, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ def load_flax_params(path: PathLike) -> tuple[dict, dict[str, Any], dict[str, st
         meta = json.loads(metadata["meta"])
     except (KeyError, json.JSONDecodeError) as e:
         raise CacheEntryError(f"{path}: metadata has no readable 'meta' entry") from e
+    for v in flat.values():  # read once by the checksum: out of this process's resident memory until used
+        release_pages(v)
     tree = unflatten_dict({tuple(k.split(_SEP)): v for k, v in flat.items()})
     return tree, meta, metadata
 
@@ -227,7 +229,18 @@ class ConversionCache:
         if hit is not None:
             return hit
         params, meta = self.note_conversion(sources, tag, convert)
-        self.store(sources, tag, params, meta)
+        return self._mapped_after_store(self.store(sources, tag, params, meta), params, meta)
+
+    @staticmethod
+    def _mapped_after_store(path: pathlib.Path | None, params: Any, meta: Mapping[str, Any]) -> tuple[dict, dict]:
+        """The entry just written, read back as memory-mapped views (and checked), so the converted in-memory copy
+        is freed instead of staying resident for the caller's life; the converted copy if the write failed."""
+        if path is not None:
+            try:
+                mapped, _, _ = load_flax_params(path)
+                return mapped, dict(meta)
+            except CacheEntryError as e:
+                log.warning("conversion cache: the entry just written does not read back (%s)", e)
         return params, dict(meta)
 
     def note_conversion(self, sources: Sequence[PathLike], tag: Mapping[str, Any],
@@ -262,8 +275,8 @@ class ConversionCache:
             if hit is not None:
                 return hit
         params, meta = self._note(digest, compute)
-        self._store_at(path, digest, params, meta, json.dumps(family, sort_keys=True, default=str))
-        return params, dict(meta)
+        written = self._store_at(path, digest, params, meta, json.dumps(family, sort_keys=True, default=str))
+        return self._mapped_after_store(written, params, meta)
 
     def clear(self) -> int:
         """Delete every entry; returns how many."""

@@ -177,6 +177,37 @@ class MappedSafetensors(Mapping[str, np.ndarray]):
             self._map.madvise(mmap.MADV_DONTNEED, start, hi - start)
 
 
+def _mapping_of(arr: np.ndarray) -> "mmap.mmap | None":
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def release_pages(arr: Any) -> bool:
+    """Drop the resident pages of a read-only memory-mapped view (MADV_DONTNEED); True if it was one.
+
+    Why: a view of the converted-weight cache that was read once (checksum, cast, placement) otherwise stays in
+    the process's resident memory beside the copy made from it, for the pipeline's life. The view stays valid:
+    pages are read again (from the page cache) if it is used again."""
+    if not isinstance(arr, np.ndarray) or arr.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    mapping = _mapping_of(arr)
+    if mapping is None or mapping.closed:
+        return False
+    start = np.frombuffer(mapping, np.uint8, count=1).ctypes.data
+    offset = arr.ctypes.data - start
+    lo = offset - offset % mmap.PAGESIZE
+    hi = min(len(mapping), offset + arr.nbytes)
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def map_safetensors(path: PathLike, release: bool = False) -> MappedSafetensors:
     """`MappedSafetensors(path, release)`: every tensor as a read-only view, nothing copied up front."""
     return MappedSafetensors(path, release=release)

@@ -40,6 +40,7 @@ from pasd_jax.evaluate.runner import Evaluation, Options, evaluate
 from pasd_jax.prompts import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, build_prompt_fn
 from pasd_jax.safe_write import atomic_write, refuse_overlap, staged_write
 from pasd_jax.sampling import PASDPipeline, SamplingOptions, compile_cache, load_for_sampling, runner, tasks
+from pasd_jax.sampling.options import DTYPE_CHOICES, DTYPES, resolve_dtype
 from pasd_jax.sampling.plan import Plan, check_output, make_plan
 from pasd_jax.schedulers import SCHEDULER_KINDS
 
@@ -76,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=9.0)
     g.add_argument("--conditioning-scale", type=float, default=1.0)
     g.add_argument("--ans-mode", default="paper", choices=["paper", "official"])
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    g.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="auto: bfloat16 on GPU/TPU, float32 on CPU (as pasd-sample)")
     g.add_argument("--seed", type=int, default=0, help="per-image seeds derive from this and the relative path")
     g.add_argument("--color-fix", default="wavelet", choices=list(tasks.COLOR_FIXES))
     g.add_argument("--prompt", default="")
@@ -154,7 +156,7 @@ def _sample(args: argparse.Namespace, plans: dict[int, Plan], settings: runner.R
             out: pathlib.Path) -> dict[str, Any]:
     """Every level's plan through one pipeline; returns what sweep.json says about the sampling."""
     cache = False if args.no_cache else args.cache_dir
-    loaded = load_for_sampling(args.ckpt, base=args.base, cache=cache)
+    loaded = load_for_sampling(args.ckpt, base=args.base, cache=cache, param_dtype=DTYPES[args.dtype])
     for note in loaded.notes:
         logging.info(note)
     pipe = PASDPipeline(loaded.models, loaded.params, loaded.scheduler_config, loaded.tokenizer_dir)
@@ -206,6 +208,7 @@ def main(argv: Sequence[str] | None = None, *, factory: Factory | None = None,
     out = pathlib.Path(args.out)
     try:
         levels, metrics = _check(args)
+        args.dtype = resolve_dtype(args.dtype)
         fidelity, perceptual = parse_metrics(args.fidelity)[0], parse_metrics(args.perceptual)[0]
         upscale = args.upscale or infer_upscale(pathlib.Path(args.lq), pathlib.Path(args.gt))
         settings = runner.RunSettings(upscale=upscale, process_size=args.process_size, color_fix=args.color_fix,

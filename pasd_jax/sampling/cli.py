@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from pasd_jax.prompts import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT, HIGH_LEVEL_INFO
     from pasd_jax.sampling import tasks
     from pasd_jax.sampling import session
+    from pasd_jax.sampling.options import DTYPE_CHOICES
     from pasd_jax.sampling.runner import COLOR_FIXES
     from pasd_jax.schedulers import SCHEDULER_KINDS
 
@@ -93,7 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="paper: the level indexes the training schedule; official: diffusers 0.29.2 add_noise")
     g.add_argument("--init-noise", action="store_true", help="start from pure noise (the official demo); no ANS")
     g.add_argument("--offset-noise-scale", type=float, default=0.0, help="with --init-noise")
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    g.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="compute precision; auto: bfloat16 on GPU/TPU, float32 on CPU (XLA's CPU bf16 is emulated: "
+                        "slower, and it holds an fp32 copy of the weights besides)")
     g.add_argument("--latent-tile-size", type=int, default=320, help="latent tiling above this (latent px)")
     g.add_argument("--latent-tile-overlap", type=int, default=8)
     g.add_argument("--tiled-vae", default="auto", choices=["auto", "on", "off"])
@@ -135,7 +138,7 @@ def _main(args: argparse.Namespace, sess) -> int:
     from pasd_jax.errors import PasdError
     from pasd_jax.prompts import MissingDependencyError, build_prompt_fn
     from pasd_jax.sampling.loading import load_for_sampling
-    from pasd_jax.sampling.options import SamplingOptions
+    from pasd_jax.sampling.options import DTYPES, SamplingOptions, resolve_dtype
     from pasd_jax.sampling.pipeline import PASDPipeline
     from pasd_jax.sampling.runner import RunSettings
     from pasd_jax.convert.lora import parse_lora_arg
@@ -144,6 +147,7 @@ def _main(args: argparse.Namespace, sess) -> int:
 
     try:  # everything that can be checked before loading gigabytes is checked first
         task = tasks.resolve(args.task)
+        args.dtype = resolve_dtype(args.dtype)  # after the session started JAX (jax.distributed first)
         for note in tasks.notes(task, args.upscale):
             logging.info(note)
         if args.added_prompt is None:
@@ -179,7 +183,7 @@ def _main(args: argparse.Namespace, sess) -> int:
                                    blending_alpha=args.blending_alpha, lora=lora_specs,
                                    lora_multiplier=args.lora_multiplier, lora_rule=args.lora_rule,
                                    lcm_lora=args.lcm_lora, cache=cache, scheduler_config=args.scheduler_config,
-                                   scheduler_beside=task == tasks.COLORIZE)
+                                   scheduler_beside=task == tasks.COLORIZE, param_dtype=DTYPES[args.dtype])
         scheduler_from_config(loaded.scheduler_config, options.scheduler, options.steps)  # refused keys: now
     except (PasdError, ValueError, FileNotFoundError, MissingDependencyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
+
 from pasd_jax.convert.base import load_sd_base
 from pasd_jax.convert.folders import CONTROLNET, TEXT_ENCODER, UNET, VAE, describe_folder
 from pasd_jax.convert.io import PathLike, WeightFileError
@@ -57,7 +59,8 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
                       blending_alpha: float = 1.0, lora: "PathLike | Sequence[LoraSpec | PathLike] | None" = None,
                       lora_multiplier: float = 0.6, lora_rule: str = "alpha_scaled",
                       lcm_lora: PathLike | None = None, cache: Any = None,
-                      scheduler_config: PathLike | None = None, scheduler_beside: bool = False) -> Loaded:
+                      scheduler_config: PathLike | None = None, scheduler_beside: bool = False,
+                      param_dtype: Any = None) -> Loaded:
     """PASD UNet + ControlNet from `ckpt`, VAE / text encoder / tokenizer / scheduler from `base`.
 
     The scheduler config is `scheduler_config` when given, else with `scheduler_beside` (colorization, as the
@@ -66,7 +69,13 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
     `lora`: one file (merged with `lora_multiplier` and `lora_rule`) or several `LoraSpec`s / paths, merged in
     order; `lcm_lora` is fused last with the official `--use_lcm_lora` rule (lora_scale 1, diffusers' scaling),
     after any personalized LoRA, as the official code does.
+
+    `param_dtype` (the compute dtype, e.g. bf16): the weights are cast leaf by leaf while they are read, so the
+    fp32 tree never sits beside the cast one (SD1.5 bf16 sampling on CPU: 16.9 GB peak before). The values equal
+    the pipeline's own cast. Merges (personalized base, LoRAs) keep fp32 and leave the cast to the pipeline.
     """
+    merges = personalized is not None or bool(lora) or lcm_lora is not None
+    held = jnp.float32 if param_dtype is None or merges else param_dtype
     ckpt = pathlib.Path(ckpt)
     if not ckpt.exists():
         raise WeightFileError(f"--ckpt {ckpt} does not exist: give an official PASD checkpoint folder (with unet/ "
@@ -80,7 +89,7 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
             raise WeightFileError(f"--scheduler-config {scheduler}: no scheduler_config.json there")
         notes.append(f"scheduler config: {_scheduler_json(pathlib.Path(scheduler))}")
     if is_official_checkpoint(ckpt) or is_flax_checkpoint(ckpt):
-        pasd = load_checkpoint(ckpt, cache=cache)
+        pasd = load_checkpoint(ckpt, cache=cache, param_dtype=held)
         unet, controlnet = pasd[UNET], pasd[CONTROLNET]
     else:
         restored = _train_checkpoint(ckpt)
@@ -97,7 +106,7 @@ def load_for_sampling(ckpt: PathLike, *, base: PathLike | None = None, personali
     if base is None:
         raise WeightFileError("--base is required: the Stable Diffusion 1.5 model that provides the VAE, text "
                               "encoder, tokenizer and scheduler (a diffusers folder or a single .safetensors file)")
-    sd = load_sd_base(base, components=(VAE, TEXT_ENCODER), cache=cache)
+    sd = load_sd_base(base, components=(VAE, TEXT_ENCODER), cache=cache, param_dtype=held)
     vae, text_encoder = sd.vae, sd.text_encoder
     if personalized is not None:
         result = swap_base(personalized, unet=unet, vae=vae, text_encoder=text_encoder, alpha=blending_alpha,

@@ -7,9 +7,9 @@ tiling; if it exceeds the budget it tries, in order, the memory-bounded attentio
 tiles of decreasing size, and returns the first options that fit, or a message naming the size, the estimate and
 the flags that help.
 
-The estimate (bytes) = weights (as held, plus the compute-dtype copies the pipeline places) + buffers kept across
-the program (input, condition, latents, outputs) + the largest phase: VAE encode, one ControlNet + UNet call, or VAE
-decode. Each phase is a count of live full-size activations calibrated against XLA's compiled temporaries
+The estimate (bytes) = weights (as held, plus the compute-dtype copies the pipeline places; on a CPU in bf16/fp16
+also their fp32 copies) + buffers kept across the program (input, condition, latents, outputs) + the largest phase:
+VAE encode, one ControlNet + UNet call, or VAE decode. Each phase is a count of live full-size activations calibrated against XLA's compiled temporaries
 (`compiled.memory_analysis()`, CPU, jax 0.10.2; bench/RESULTS.md "CPU step and memory"), plus the attention
 kernel's own temporaries from `models.attention.plan_attention` on every attention call of the configs. It is an
 estimate: a plan leaves `HEADROOM` of the budget free.
@@ -66,10 +66,12 @@ class Estimate:
     vae_encode: int
     vae_decode: int
     runtime: int = RUNTIME_BYTES
+    widened: int = 0  # CPU, bf16/fp16: fp32 copies of the weights (widened_bytes)
 
     @property
     def total(self) -> int:
-        return self.weights + self.buffers + self.runtime + max(self.denoise, self.vae_encode, self.vae_decode)
+        return self.weights + self.widened + self.buffers + self.runtime + max(self.denoise, self.vae_encode,
+                                                                                self.vae_decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +164,18 @@ def weight_bytes(models: Models, dtype_name: str, params: dict | None = None) ->
         return sum(_param_bytes(getattr(models, c), itemsize) for c in COMPONENTS)
     total = 0
     for leaf in jax.tree_util.tree_leaves(params):
-        nbytes = int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
-        total += nbytes
-        if np.issubdtype(leaf.dtype, np.floating) and np.dtype(leaf.dtype) != np.dtype(DTYPES[dtype_name]):
-            total += int(np.prod(np.shape(leaf))) * itemsize
+        n, dt = int(np.prod(np.shape(leaf))), np.dtype(leaf.dtype)
+        total += n * dt.itemsize + (n * itemsize if np.issubdtype(dt, np.floating) and dt != DTYPES[dtype_name] else 0)
     return total
+
+
+def widened_bytes(models: Models, dtype_name: str, backend: str) -> int:
+    """fp32 copies of the UNet, ControlNet and VAE weights a bf16/fp16 program holds on a CPU: XLA's CPU backend
+    widens each weight for its dots and convs and schedules every convert first, so all copies are live at once
+    (a 4-layer bf16 program's temporaries are its weights in fp32; SD1.5 bf16 at 768 px: 11.9 GB resident)."""
+    if backend != "cpu" or np.dtype(DTYPES[dtype_name]).itemsize >= 4:
+        return 0
+    return sum(_param_bytes(getattr(models, c), 4) for c in ("unet", "controlnet", "vae"))
 
 
 def _levels(cfg: Any, h: int, w: int) -> list[tuple[int, int]]:
@@ -277,7 +286,7 @@ def estimate(models: Models, options: SamplingOptions, height: int, width: int, 
     if weights is None:
         weights = weight_bytes(models, options.dtype, params)
     return Estimate(weights=weights, buffers=int(buffers), denoise=den, attention=max(attn, vattn),
-                    vae_encode=enc, vae_decode=dec)
+                    vae_encode=enc, vae_decode=dec, widened=widened_bytes(models, options.dtype, backend))
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -363,7 +372,9 @@ def _plan(fits: bool, opts: SamplingOptions, est: Estimate, impl: str, changes: 
           height: int, width: int, batch: int, requested: Estimate) -> Plan:
     size = f"{width}x{height}" + (f" (batch {batch})" if batch > 1 else "")
     parts = (f"weights {_gb(est.weights)}, denoising {_gb(est.denoise)}, VAE encode {_gb(est.vae_encode)}, "
-             f"decode {_gb(est.vae_decode)}")
+             f"decode {_gb(est.vae_decode)}"
+             + (f", fp32 copies of the weights for the CPU {_gb(est.widened)} (--dtype float32 avoids them)"
+                if est.widened else ""))
     budget_text = f"the {_gb(budget)} budget (${ENV} or free memory)" if budget else "no budget"
     if fits and not changes:
         msg = f"{size}: about {_gb(est.total)} ({parts}), within {budget_text}"

@@ -16,6 +16,22 @@ import numpy as np
 from pasd_jax.schedulers import ANS_MODES, SCHEDULER_KINDS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+    """`auto` -> float32 on a CPU, bfloat16 on accelerators; any other name as given.
+
+    Why not bf16 everywhere: XLA's CPU backend has no bf16 (or fp16) dots and convolutions, so it widens every
+    weight to fp32 and schedules those converts up front, keeping an fp32 copy of the whole UNet + ControlNet live
+    beside the bf16 one (SD1.5 at 768 px: 11.9 GB resident in bf16), and the emulated arithmetic is slower."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose one of {DTYPE_CHOICES}")
+        return name
+    import jax
+
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 TILED_VAE_MODES = ("auto", "on", "off")
 
 

@@ -1,4 +1,4 @@
-"""XLA compiler options for the sampler's big programs, per backend (`jax.jit(..., compiler_options=...)`).
+"""XLA compiler options for the big programs (the sampler's untiled and tiled programs, bench_step), per backend.
 
 CPU: XLA's own convolution emitter instead of the YNNPACK convolution fusion that jax 0.10's CPU backend uses by
 default. Measured on a 2-vCPU EPYC VM, fp32, SD1.5 shapes, min of 5 (YNNPACK -> XLA's): 64x64 320->320 3x3 conv
