@@ -182,3 +182,18 @@ def test_cpu_bf16_counts_the_fp32_copies_xla_makes(tiny):
     assert bf16.widened == want and f32.widened == 0 and gpu.widened == 0
     assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("auto", "gpu") == "bfloat16"
     assert resolve_dtype("float16", "cpu") == "float16"
+
+
+def test_first_batch_of_a_size_announces_its_compilation(tiny):
+    """Issue 19.4: the first batch of each processed size says that it compiles and for about how long."""
+    import types
+
+    from pasd_jax.sampling.runner import compile_note
+
+    sampler, seen, opts = types.SimpleNamespace(models=tiny), set(), SamplingOptions(steps=2)
+    first = compile_note(sampler, opts, (128, 96), seen)
+    print("\n" + first)
+    assert first.startswith("128x96: compiling the sampler") and " s on a 2-core CPU" in first
+    assert compile_note(sampler, opts, (128, 96), seen) is None  # once per size and options
+    assert "tiled sampler" in compile_note(sampler, SamplingOptions(steps=2, latent_tile_size=8, latent_tile_overlap=2), (128, 96), seen)
+    assert compile_note(types.SimpleNamespace(), opts, (64, 64), set()) is None  # stand-in samplers stay quiet

@@ -395,5 +395,6 @@ def _plan(fits: bool, opts: SamplingOptions, est: Estimate, impl: str, changes: 
 def expected_compile_seconds(models: Models, tiled: bool) -> float:
     """A rough first-compile time of the sampler (for the line a runner prints before the first call), scaled by
     the UNet's parameter count from the CPU figure above; later runs read JAX's compilation cache if one is set."""
-    return COMPILE_S_PER_GPARAM * _param_bytes(models.unet, 1) / 1e9 * (1.3 if tiled else 1.0)
+    scaled = COMPILE_S_PER_GPARAM * _param_bytes(models.unet, 1) / 1e9 * (1.3 if tiled else 1.0)
+    return max(15.0, scaled)  # a fixed cost too: the tiny models' first call took 18-44 s (bench/RESULTS.md)
 

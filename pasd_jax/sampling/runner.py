@@ -108,6 +108,21 @@ def memory_options(sampler, options, size: tuple[int, int], batch: int) -> tuple
     return mp.options, None
 
 
+def compile_note(sampler, options, size: tuple[int, int], seen: set) -> str | None:
+    """The line printed before the first batch of a processed size: its program compiles first (minutes at SD1.5
+    size on a CPU), so the wait is announced with its expected length instead of a silent progress bar."""
+    models = getattr(sampler, "models", None)
+    key = (tuple(size), options)
+    if models is None or not isinstance(options, SamplingOptions) or key in seen:
+        return None
+    seen.add(key)
+    f = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    tiled = tiling.needs_tiling(size[1] // f, size[0] // f, options.latent_tile_size)
+    secs = memory.expected_compile_seconds(models, tiled)
+    return (f"{size[0]}x{size[1]}: compiling the {'tiled ' if tiled else ''}sampler before its first batch "
+            f"(about {secs:.0f} s on a 2-core CPU the first time; the compilation cache makes later runs quick)")
+
+
 def image_key(seed: int, relative: str) -> jax.Array:
     """A PRNG key from (seed, relative path): stable across runs, folders and file orders."""
     digest = hashlib.sha256(f"{int(seed)}\0{relative}".encode()).digest()
@@ -214,7 +229,7 @@ def execute(sampler: Sampler, options, plan: Plan, settings: RunSettings, prompt
             progress: bool = True, stop: Callable[[], bool] | None = None) -> Summary:
     """Sample `plan`'s items into their outputs; `stop()` is asked between batches (a signal was received)."""
     state = _Run(plan, settings, progress)
-    batches, sizes, batch_options = [], [], []
+    batches, sizes, batch_options, processed = [], [], [], []
     for size, group in plan.groups.items():
         bs = batch_size(settings, sampler, options, size)
         group_options, refusal = memory_options(sampler, options, size, bs)
@@ -226,12 +241,13 @@ def execute(sampler: Sampler, options, plan: Plan, settings: RunSettings, prompt
             batches.append(group[i:i + bs])
             sizes.append(bs)
             batch_options.append(group_options)
+            processed.append(size)
     pool = ThreadPoolExecutor(settings.io_threads, "pasd-io") if settings.io_threads else None
     submit = pool.submit if pool else _now
     ahead = PREFETCH if pool else 0
     loads: collections.deque[Future] = collections.deque(submit(_load, b, settings) for b in batches[:ahead])
     on_step = state.on_step if progress and _accepts_on_step(sampler) else None
-    done = 0
+    done, seen = 0, set()
     try:
         for k, batch in enumerate(batches):
             if stop is not None and stop():
@@ -240,6 +256,9 @@ def execute(sampler: Sampler, options, plan: Plan, settings: RunSettings, prompt
             if ahead and k + ahead < len(batches):
                 loads.append(submit(_load, batches[k + ahead], settings))
             done = k + 1
+            note = compile_note(sampler, batch_options[k], processed[k], seen)
+            if note and progress:
+                state.bar.write(note, file=sys.stderr)
             _sample_batch(sampler, batch_options[k], ready, settings, prompt_fn, state, submit, on_step, sizes[k])
             state.drain(keep=2 * len(batch))  # bounded: decoded results waiting for the encoder cost memory
     finally:
