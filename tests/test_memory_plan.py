@@ -92,7 +92,9 @@ def test_nothing_fits_names_size_estimate_and_flags(tiny, monkeypatch):
     assert not p.fits
     assert "768x1024" in p.message and f"{memory._gb(p.budget_bytes)} budget" in p.message
     assert "--process-size" in p.message and "PASD_MEMORY_BUDGET" in p.message
-    assert "--latent-tile-size" in " ".join(p.changes) and "--dtype bfloat16" in p.changes
+    assert "--latent-tile-size" in " ".join(p.changes) and "--dtype bfloat16" not in p.changes  # no help on a CPU
+    on_gpu = memory.plan(tiny, SamplingOptions(steps=4), 1024, 768, backend="gpu")
+    assert not on_gpu.fits and "--dtype bfloat16" in on_gpu.changes
     with pytest.raises(memory.MemoryPlanError) as e:
         p.check()
     assert isinstance(e.value, PasdError) and str(e.value) == p.message

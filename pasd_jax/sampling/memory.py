@@ -339,12 +339,12 @@ def plan(models: Models, options: SamplingOptions, height: int, width: int, budg
         changes.append(f"attention={safe}")
         if fits(best):
             return done(True, opts, best, impl, changes)
-    if options.tiled_vae != "on":
-        cand = dataclasses.replace(opts, tiled_vae="on")
+    for mode in (m for m in ("on", "off") if m != options.tiled_vae):  # the tiled VAE keeps padded copies too
+        cand = dataclasses.replace(opts, tiled_vae=mode)
         e = est(cand, impl)
         if e.total < best.total:
             opts, best = cand, e
-            changes.append(_flag("tiled_vae", "on"))
+            changes = [c for c in changes if not c.startswith("--tiled-vae")] + [_flag("tiled_vae", mode)]
             if fits(best):
                 return done(True, opts, best, impl, changes)
     smallest = (opts, best, list(changes))
@@ -358,8 +358,8 @@ def plan(models: Models, options: SamplingOptions, height: int, width: int, budg
             return done(True, cand, e, impl, changes + extra)
         if e.total < smallest[1].total:
             smallest = (cand, e, changes + extra)
-    if options.dtype == "float32":  # last resort, named but not applied: bf16 changes the numbers
-        cand = dataclasses.replace(smallest[0], dtype="bfloat16")
+    if options.dtype == "float32" and backend != "cpu":  # named, not applied: bf16 changes the numbers (on a CPU
+        cand = dataclasses.replace(smallest[0], dtype="bfloat16")  # it adds fp32 copies: widened_bytes)
         e = est(cand, impl)
         e = dataclasses.replace(e, weights=weight_bytes(models, "bfloat16", params) if params is not None
                                 else weights * 2 // np.dtype(DTYPES[options.dtype]).itemsize)
