@@ -108,14 +108,13 @@ def test_host_params_placed_leaf_by_leaf_in_the_compute_dtype(tmp_path):
     import jax.numpy as jnp
 
     from pasd_jax import sharding
-    from pasd_jax.sampling.pipeline import _place_host_tree
 
     views = _mapped_tree(tmp_path, 128)
     want = {k: np.asarray(jnp.asarray(v).astype(jnp.bfloat16)) for k, v in views.items()}  # XLA's cast
     for v in views.values():
         io.release_pages(v)
     before = _resident_bytes()
-    placed = _place_host_tree(views, jnp.bfloat16, sharding.replicated(sharding.make_mesh()))
+    placed = to_device(views, jnp.bfloat16, sharding.replicated(sharding.make_mesh()))  # PASDPipeline.place's path
     grown = _resident_bytes() - before
     print(f"\nplacing 128 MB of fp32 views as bf16 grew the resident memory by {grown / 2**20:.0f} MB")
     assert grown < 64 * 2 ** 20 + 24 * 2 ** 20  # the 64 MB bf16 tree + one 16 MB source leaf in flight + slack

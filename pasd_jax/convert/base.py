@@ -114,23 +114,23 @@ def module_from_meta(meta: Mapping[str, Any], params: Any, *, dtype: Any = jnp.f
                         where=str(meta.get("source", "")))
 
 
-def _place_leaf(a: Any, dtype: np.dtype) -> jax.Array:
+def _place_leaf(a: Any, dtype: np.dtype, placement: Any = None) -> jax.Array:
     if isinstance(a, jax.Array):
         return a if a.dtype == dtype else a.astype(dtype)
     a = np.asarray(a)
     if a.dtype != dtype or not a.flags.c_contiguous:
         source, a = a, aligned_copy(a, dtype)  # one host copy, in the target dtype, that the CPU device can alias
         release_pages(source)  # a mapped cache view read once: its pages leave the resident memory
-    return jax.device_put(a)
+    return jax.device_put(a, placement)
 
 
-def to_device(params: Any, param_dtype: Any) -> Any:
-    """numpy leaves -> jax arrays in the parameter dtype, leaf by leaf.
+def to_device(params: Any, param_dtype: Any, placement: Any = None) -> Any:
+    """numpy leaves -> jax arrays in the parameter dtype, leaf by leaf (onto `placement`, a sharding, if given).
 
     On the CPU backend a 64-byte aligned host array of the right dtype (a mapped cache entry, a converted tree) is
     aliased, not copied, so the weights exist once; a leaf of another dtype costs one copy of that leaf only."""
     dtype = np.dtype(param_dtype)
-    return jax.tree_util.tree_map(lambda a: _place_leaf(a, dtype), params)
+    return jax.tree_util.tree_map(lambda a: _place_leaf(a, dtype, placement), params)
 
 
 def _folder_convert(folder: pathlib.Path, config: Mapping[str, Any], kind: str, weights: pathlib.Path):

@@ -67,7 +67,7 @@ def tile_model(pipe: Pipeline, options: SamplingOptions, tile: int, context_tail
             pipe.traced("tiled_model")
             constrain = lambda x: sharding.constrain_batch(x, mesh)  # noqa: E731
             return constrain(eps_fn(params, constrain(z), t, context, cond, guidance, cond_scale))
-        return jax.jit(model, compiler_options=xla_options.compiler_options() or None)
+        return xla_options.jit(model)
     return pipe.program(("tiled_model", chunk, tile, tuple(context_tail), options.dtype), build)
 
 
@@ -115,20 +115,20 @@ def run_tiled(pipe: Pipeline, options: SamplingOptions, sched: Any, vt: Any, ima
             cond_chunks, ctx_chunks = tiling.tile_inputs(cond, context, layout, chunk, cond_dtype)
             return (z0, sched.init_carry(z0), tuple(map(constrain, tiling.latent_tiles(z0, layout, chunk))),
                     tuple(map(constrain, cond_chunks)), tuple(map(constrain, ctx_chunks)))
-        return jax.jit(prepare, compiler_options=xla_options.compiler_options() or None)
+        return xla_options.jit(prepare)
 
     def build_step():
         def step(carry, i, eps_chunks, variance):
             pipe.traced("tiled_step")
             carry, z_chunks = tiled_update(sched, layout, chunk, carry, i, eps_chunks, variance)
             return carry, tuple(map(constrain, z_chunks))
-        return jax.jit(step, compiler_options=xla_options.compiler_options() or None)
+        return xla_options.jit(step)
 
     def build_finish():
         def finish(params, z):
             pipe.traced("tiled_finish")
             return core.decode_images(vae, params["vae"], z, vt.decoder_tile)
-        return jax.jit(finish, compiler_options=xla_options.compiler_options() or None)
+        return xla_options.jit(finish)
 
     # Keys hold exactly what each program's shapes and constants depend on.
     prepare = pipe.program(("tiled_prepare", images.shape, context.shape, layout, chunk, options.scheduler,

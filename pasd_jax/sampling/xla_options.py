@@ -36,3 +36,8 @@ def compiler_options(backend: str | None = None) -> dict[str, Any]:
     if backend != "cpu" or not _accepted(tuple(sorted(CPU_OPTIONS.items()))):
         return {}
     return dict(CPU_OPTIONS)
+
+
+def jit(fn: Any, **kwargs: Any) -> Any:
+    """`jax.jit` with this backend's options: the one way the sampler's big programs are compiled."""
+    return jax.jit(fn, compiler_options=compiler_options() or None, **kwargs)
