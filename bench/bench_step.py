@@ -36,6 +36,7 @@ from pasd_jax.models import attention  # noqa: E402
 from pasd_jax.models.config import controlnet_config_from_unet  # noqa: E402
 from pasd_jax.models.host_init import host_params  # noqa: E402
 from pasd_jax.sampling import xla_options  # noqa: E402
+from pasd_jax.sampling.denoise import make_guided_eps  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -104,25 +105,34 @@ def make_base(model: str, folder: str) -> None:
         to_pytorch(module, host_params(module, 0, stream=kind), os.path.join(folder, kind))
 
 
-def make_step(unet, cn, guidance: float = 9.0):
+def make_step(unet, cn, guidance: float = 9.0, share_prefix: bool = True):
+    """The sampler's guided noise estimate (`sampling.denoise.make_guided_eps`): one latent and LQ image, the
+    [negative, positive] text pair. `share_prefix=False` repeats the latent and image first (the official
+    pipeline's torch.cat([x] * 2)), so the models run their text-independent prefix twice."""
+    eps_fn = make_guided_eps(unet, cn)
+
     @jax.jit
     def step(unet_params, cn_params, latents, t, context, cond):
-        x = jnp.concatenate([latents, latents])
-        image = jnp.concatenate([cond, cond])
-        _, down, mid = cn.apply({"params": cn_params}, x, t, context, image, 1.0)
-        eps = unet.apply({"params": unet_params}, x, t, context, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid)
-        uncond, text = jnp.split(eps, 2)
-        return uncond + guidance * (text - uncond)
+        n = latents.shape[0]
+        pairs = context.reshape((n, 2) + context.shape[1:])
+        if not share_prefix:
+            latents, cond = (jnp.repeat(a, 2, axis=0) for a in (latents, cond))
+            eps = eps_fn({"unet": unet_params, "controlnet": cn_params}, latents, t, pairs.reshape(
+                (2 * n, 1) + context.shape[1:]), cond, jnp.float32(1.0), jnp.float32(1.0)).reshape(
+                    (n, 2) + latents.shape[1:])
+            return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0])
+        return eps_fn({"unet": unet_params, "controlnet": cn_params}, latents, t, pairs, cond,
+                      jnp.float32(guidance), jnp.float32(1.0))
 
     return step
 
 
 def step_inputs(size: int, batch: int, ctx_dim: int, dtype):
+    """(latents [B], t, contexts [2B] interleaved per image as [negative, positive], LQ images [B])."""
     lat = size // 8
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     return (jax.random.normal(keys[0], (batch, 4, lat, lat), jnp.float32),
-            jnp.full((2 * batch,), 500.0),
+            jnp.int32(500),
             jax.random.normal(keys[1], (2 * batch, 77, ctx_dim), dtype),
             jax.random.uniform(keys[2], (batch, 3, size, size), dtype))
 
@@ -179,6 +189,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--attention", default="auto", choices=list(attention.IMPLS))
+    p.add_argument("--no-share-prefix", action="store_true",
+                   help="repeat the latent and LQ image per prompt before the models (as the official pipeline "
+                        "does) instead of running their text-independent prefix once per image")
     p.add_argument("--xla-options", default="auto", choices=["auto", "none"],
                    help="auto: pasd_jax.sampling.xla_options for this backend; none: XLA's defaults")
     p.add_argument("--weights", default="random", help="'random' or an official-layout PASD checkpoint folder")
@@ -209,7 +222,7 @@ def main() -> None:
     t_start = time.perf_counter()
     with attention.attention_impl(a.attention):
         unet, cn = build(a.model, a.variant, dtype)
-        step = make_step(unet, cn)
+        step = make_step(unet, cn, share_prefix=not a.no_share_prefix)
         ctx_dim = unet.config.cross_attention_dim
         from pasd_jax.convert.base import abstract_of
 
@@ -232,7 +245,7 @@ def main() -> None:
         stage(f"weights placed in {load_s:.1f} s ({param_bytes(params) / 2**30:.2f} GiB)")
         results = [run_size(progs[s], params, s, a.batch, ctx_dim, dtype, a.repeats) for s in a.sizes]
     emit({"benchmark": "pasd_step", "model": a.model, "variant": a.variant, "dtype": a.dtype,
-          "attention": a.attention, "weights": a.weights, "xla_options": options, "env": environment(),
+          "attention": a.attention, "share_prefix": not a.no_share_prefix, "weights": a.weights, "xla_options": options, "env": environment(),
           "cpu_count": len(os.sched_getaffinity(0)), "param_bytes": param_bytes(params), "load_s": load_s,
           "rss_after_compile_bytes": rss_compiled, "rss_after_load_bytes": rss_loaded,
           "peak_rss_bytes": peak_rss_bytes(), "total_s": time.perf_counter() - t_start, "results": results}, a.out)

@@ -105,8 +105,8 @@ def test_choice_rules():
     assert A.choose_kernel(4096, 77, 40, f32, backend="cpu", batch_heads=16) == "flash"
     assert A.choose_kernel(16, 16, 160, f32, backend="cpu", batch_heads=16) == "xla"
     plan = A.plan_attention(2, 8, 4096, 4096, 40, f32, backend="cpu")
-    assert (plan.q_block, plan.kv_block) == (256, 4096)
-    assert plan.full_logits_bytes == 2 * 8 * 4096 * 4096 * 4 and plan.working_bytes == 2 * 256 * 4096 * 4
+    assert (plan.q_block, plan.kv_block) == (512, 4096)
+    assert plan.full_logits_bytes == 2 * 8 * 4096 * 4096 * 4 and plan.working_bytes == 2 * 512 * 4096 * 4
     long = A.plan_attention(1, 1, 60000, 60000, 512, f32, backend="cpu")  # a 2400x1600 VAE mid-block
     assert long.kernel == "flash" and long.kv_block == A.KV_BLOCK and long.working_bytes <= 2 * A.BLOCK_BYTES
     with A.attention_impl("chunked"):

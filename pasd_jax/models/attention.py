@@ -39,9 +39,11 @@ QUERY_CHUNK = 1024
 # 1024^2 x 40: 116 vs 274 ms; 256^2 x 160: 26 vs 36 ms; 256 x 77 x 80 (1.2 MB): 2.8 vs 3.4 ms; only below, e.g.
 # 16^2 x 160 (32 kB): 0.47 vs 0.30 ms, does the loop's fixed cost win).
 FLASH_MIN_BYTES = 1 << 20
-# Working set of one flash block: the fp32 logits and probabilities of q_block x kv_block (4 MB each at 256 x 4096,
-# measured fastest against 64, 128 and 512 queries; the L2 is 1 MB, the shared L3 32 MB).
-BLOCK_BYTES = 4 << 20
+# Working set of one flash block: the fp32 logits and probabilities of q_block x kv_block (8 MB each at 512 x 4096).
+# Fewer, larger blocks win over cache-sized ones on CPU, since each block is a loop iteration of several XLA
+# thunks: one 4096^2 x 40 CFG-pair call (16 heads), 2-vCPU EPYC, min of 4: 64 / 128 / 256 queries slower than
+# 512; 256: 450-463 ms, 512: 413-430 ms, 1024: 418-443 ms (bench/bench_attention.py; torch's SDPA: 362-382 ms).
+BLOCK_BYTES = 8 << 20
 KV_BLOCK_MAX = 8192    # longer key sequences are split into blocks of KV_BLOCK with an online softmax
 KV_BLOCK = 4096
 MIN_Q_BLOCK = 16

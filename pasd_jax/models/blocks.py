@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from pasd_jax.models.layers import Conv, Dense, GroupNorm, resize_nearest
+from pasd_jax.models.shared_batch import common_batch
 from pasd_jax.models.transformer import Transformer2D, flatten_context
 
 PASD = "pasd"
@@ -69,6 +70,7 @@ class ResnetBlock2D(nn.Module):
         h = Conv(self.out_channels, name="conv1", **kw)(h)
         if temb is not None:
             t = Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))
+            h, t = common_batch(h, t)  # temb is at the image batch; h may already be at the text batch
             h = h + t[:, None, None, :]
         h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2", **kw)(h))
         h = Conv(self.out_channels, name="conv2", **kw)(h)
@@ -186,7 +188,8 @@ class UpBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         light = self.variant == PASD_LIGHT and self.with_attention
         for j in range(self.num_layers):
-            x = jnp.concatenate([x, skips[-1 - j].astype(x.dtype)], axis=-1)
+            x, skip = common_batch(x, skips[-1 - j].astype(x.dtype))
+            x = jnp.concatenate([x, skip], axis=-1)
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{j}", **kw)(x, temb)
             residual = None if residuals is None else residuals[-1 - j].astype(x.dtype)
             if self.with_attention:

@@ -87,7 +87,9 @@ class PASDControlNet(nn.Module):
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array,
                  controlnet_cond: jax.Array, conditioning_scale: float | jax.Array = 1.0):
         """NCHW latents + NCHW RGB condition in [0, 1] -> (rgbs, down_block_res_samples, mid_block_res_sample),
-        all NCHW; the residuals are multiplied by `conditioning_scale`, the rgbs are not."""
+        all NCHW; the residuals are multiplied by `conditioning_scale`, the rgbs are not. `sample` and
+        `controlnet_cond` may be at the image batch B with `encoder_hidden_states` at k*B (`models.shared_batch`):
+        the outputs computed before the first text layer then stay at B."""
         ccfg = self.config
         cfg = ccfg.unet
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -13,6 +13,7 @@ import flax.linen as nn
 
 from pasd_jax.models.attention import Attention
 from pasd_jax.models.layers import Conv, Dense, GroupNorm, LayerNorm
+from pasd_jax.models.shared_batch import common_batch, to_batch
 
 
 class GEGLU(nn.Module):
@@ -53,10 +54,14 @@ class BasicTransformerBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = lambda name: Attention(self.dim, self.heads, name=name, **kw)  # noqa: E731
         h = LayerNorm(name="norm1", **kw)(x)
+        if self.only_cross_attention:
+            x, h, context = common_batch(x, h, context)
         x = x + attn("attn1")(h, context if self.only_cross_attention else None)
+        x, context = common_batch(x, context)  # the first layer that reads the text
         h = LayerNorm(name="norm2", **kw)(x)
         x = x + attn("attn2")(h, context)
         if self.pixel_attention:
+            x, pixel_context = common_batch(x, pixel_context)
             h = LayerNorm(name="norm2_plus", **kw)(x)
             x = x + attn("attn2_plus")(h, pixel_context)
         h = LayerNorm(name="norm3", **kw)(x)
@@ -90,17 +95,17 @@ class Transformer2D(nn.Module):
         if self.pixel_attention:
             cs = pixel_context.shape[-1]
             if self.use_linear_projection:
-                pixel_context = proj("proj_in_plus", cs)(pixel_context.reshape(b, -1, cs))
+                pixel_context = proj("proj_in_plus", cs)(pixel_context.reshape(pixel_context.shape[0], -1, cs))
             else:
-                pixel_context = proj("proj_in_plus", cs)(pixel_context).reshape(b, -1, cs)
+                pixel_context = proj("proj_in_plus", cs)(pixel_context).reshape(pixel_context.shape[0], -1, cs)
         for i in range(self.depth):
             x = BasicTransformerBlock(self.channels, self.heads, self.only_cross_attention, self.pixel_attention,
                                       name=f"transformer_blocks_{i}", **kw)(x, context, pixel_context)
         if self.use_linear_projection:
-            x = proj("proj_out", c)(x).reshape(b, h, w, c)
+            x = proj("proj_out", c)(x).reshape(-1, h, w, c)
         else:
-            x = proj("proj_out", c)(x.reshape(b, h, w, c))
-        return x + residual
+            x = proj("proj_out", c)(x.reshape(-1, h, w, c))
+        return x + to_batch(residual, x.shape[0])
 
 
 def flatten_context(feature_map: jax.Array) -> jax.Array:

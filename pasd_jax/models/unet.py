@@ -16,6 +16,7 @@ from pasd_jax.models.blocks import (PASD, PLAIN, VARIANTS, DownBlock, MidBlock, 
                                     broadcast_timesteps, timestep_embedding)
 from pasd_jax.models.config import UNetConfig
 from pasd_jax.models.layers import Conv, GroupNorm
+from pasd_jax.models.shared_batch import common_batch
 
 
 def nchw_to_nhwc(x: jax.Array) -> jax.Array:
@@ -70,7 +71,9 @@ class PASDUNet(nn.Module):
                  down_block_additional_residuals: Sequence[jax.Array] | None = None,
                  mid_block_additional_residual: jax.Array | None = None) -> jax.Array:
         """NCHW latents -> NCHW noise prediction. The ControlNet residuals (NCHW) are both added to the skips and,
-        for the PASD variants, the PACA contexts."""
+        for the PASD variants, the PACA contexts. `sample` (and residuals computed from it) may be at the image
+        batch B with `encoder_hidden_states` at k*B: the layers before the text run once per image
+        (`models.shared_batch`)."""
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown UNet variant {self.variant!r}; expected one of {VARIANTS}")
         cfg = self.config
@@ -86,7 +89,7 @@ class PASDUNet(nn.Module):
             residuals = [nchw_to_nhwc(r).astype(self.dtype) for r in down_block_additional_residuals]
             if len(residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} ControlNet residuals, got {len(residuals)}")
-            skips = [s + r for s, r in zip(skips, residuals)]
+            skips = [s + r for s, r in (common_batch(s, r) for s, r in zip(skips, residuals))]
         elif self.variant != PLAIN:
             if not self.is_initializing():
                 raise ValueError(f"the {self.variant} UNet needs the ControlNet residuals "
@@ -95,7 +98,8 @@ class PASDUNet(nn.Module):
 
         x = mid_block(cfg, x, temb, context, remat=self.remat, **kw)
         if mid_block_additional_residual is not None:
-            x = x + nchw_to_nhwc(mid_block_additional_residual).astype(self.dtype)
+            x, mid = common_batch(x, nchw_to_nhwc(mid_block_additional_residual).astype(self.dtype))
+            x = x + mid
 
         up_cls = nn.remat(UpBlock) if self.remat else UpBlock
         n = len(cfg.up_block_types)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.models.shared_batch import to_batch
 from pasd_jax.models.vae import sample_posterior
 from pasd_jax.sampling import vae_tiling
 from pasd_jax.schedulers.ans import add_noise
@@ -37,19 +38,20 @@ class Scalars(NamedTuple):
 
 
 def make_guided_eps(unet: Any, controlnet: Any) -> EpsFn:
-    """ControlNet then PASD UNet on the CFG batch, then eps_u + w (eps_c - eps_u) in fp32.
+    """ControlNet then PASD UNet on the CFG batch, then eps_u + w (eps_c - eps_u) in fp32. The text-independent
+    prefix of both models runs once per image (`models.shared_batch`).
 
     `context` is [N, 2, 77, D] ([negative, positive]) with guidance, or [N, 1, 77, D] without (the official
     pipeline skips CFG when the scale is <= 1 and runs the positive prompt alone).
     """
     def eps_fn(params, z, t, context, cond, guidance, cond_scale):
         n, k = z.shape[0], context.shape[1]
-        x = jnp.repeat(z, k, axis=0)
         ctx = context.reshape((n * k,) + context.shape[2:])
-        image = jnp.repeat(cond, k, axis=0)
-        _, down, mid = controlnet.apply({"params": params["controlnet"]}, x, t, ctx, image, cond_scale)
-        eps = unet.apply({"params": params["unet"]}, x, t, ctx, down_block_additional_residuals=down,
+        # z and cond stay at the image batch: the models repeat them per prompt at their first text layer
+        _, down, mid = controlnet.apply({"params": params["controlnet"]}, z, t, ctx, cond, cond_scale)
+        eps = unet.apply({"params": params["unet"]}, z, t, ctx, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).astype(F32)
+        eps = to_batch(eps, n * k)
         if k == 1:
             return eps
         eps = eps.reshape((n, k) + eps.shape[1:])

@@ -43,9 +43,10 @@ VAE_DECODE_TILED_COPIES = 7.5
 # One ControlNet + UNet call: the DR pyramid's first level at image resolution (input + about 2.5 maps of its
 # channels: tiny model at 128-512 px, where it dominates) and, on the latent path, the UNet skips + ControlNet
 # residuals held at once plus working maps of the widest level (c x tokens; GEGLU alone is 12 of them): fitted to
-# the SD1.5 step with CFG, fp32, flash attention: 147 MB compiled at 256 px (estimate 156), 602 MB at 512 (598).
+# the SD1.5 step with CFG, fp32, flash attention, the sampler's XLA options: 189 MB compiled at 256 px (estimate
+# 192), 761 MB at 512 (753). The pyramid runs once per image, the latent path per prompt (models.shared_batch).
 COND_COPIES = 2.5
-LATENT_WORK_MAPS = 46.0
+LATENT_WORK_MAPS = 60.0
 LATENT_TILE_CANDIDATES = (256, 192, 160, 128, 96, 64)
 # First compile of the sampler per billion UNet parameters: the SD1.5 ControlNet + PASD UNet step alone compiles
 # in 16-18 s on the 2-vCPU VM (jax 0.10.2); the sampler adds the VAE passes and the scheduler loop around it.
@@ -222,9 +223,10 @@ def _attention_peak(calls: Sequence[tuple[int, int, int, int]], batch: int, dtyp
                     for n, q, k, d in calls), default=0)
 
 
-def denoise_bytes(models: Models, n: int, h: int, w: int, dtype_name: str, backend: str, impl: str = "auto"
-                  ) -> tuple[int, int]:
-    """(activation bytes, attention bytes) of one ControlNet + UNet call on `n` latents of h x w."""
+def denoise_bytes(models: Models, n: int, h: int, w: int, dtype_name: str, backend: str, impl: str = "auto",
+                  images: int | None = None) -> tuple[int, int]:
+    """(activation bytes, attention bytes) of one ControlNet + UNet call on `n` rows of h x w latents, `images` of
+    them distinct (default n): the DR pyramid runs once per image (`models.shared_batch`)."""
     dtype = DTYPES[dtype_name]
     itemsize = np.dtype(dtype).itemsize
     cfg = models.unet.config
@@ -237,7 +239,7 @@ def denoise_bytes(models: Models, n: int, h: int, w: int, dtype_name: str, backe
     latent = 2 * _skip_elements(cfg, h, w) + cfg.block_out_channels[-1] * levels[-1][1] + LATENT_WORK_MAPS * widest
     attn = _attention_peak(_attention_calls(models, h, w), n, dtype, backend, impl)
     # the pyramid runs before the latent path; attention temporaries come on top of the latent path's live set
-    return int(max(n * cond * itemsize, n * latent * itemsize + attn)), attn
+    return int(max((images or n) * cond * itemsize, n * latent * itemsize + attn)), attn
 
 
 def vae_bytes(models: Models, batch: int, height: int, width: int, dtype_name: str, tiled: tuple[bool, bool],
@@ -269,11 +271,12 @@ def estimate(models: Models, options: SamplingOptions, height: int, width: int, 
     if tiled:  # tile chunks over the devices, whole images replicated
         tile = min(options.latent_tile_size, h, w)
         chunk = -(-options.tile_batch // devices) * devices
-        den, attn = denoise_bytes(models, cfg_mult * chunk // devices, tile, tile, options.dtype, backend, impl)
+        den, attn = denoise_bytes(models, cfg_mult * chunk // devices, tile, tile, options.dtype, backend, impl,
+                                  images=chunk // devices)
         per_dev = batch
     else:
         per_dev = -(-batch // devices)
-        den, attn = denoise_bytes(models, cfg_mult * per_dev, h, w, options.dtype, backend, impl)
+        den, attn = denoise_bytes(models, cfg_mult * per_dev, h, w, options.dtype, backend, impl, images=per_dev)
     vae_tiles = (options.tiled_vae == "on" or (options.tiled_vae == "auto" and max(height, width) >
                                                   options.vae_encoder_tile + 64),
                  options.tiled_vae == "on" or (options.tiled_vae == "auto" and max(h, w) >
