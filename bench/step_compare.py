@@ -2,8 +2,9 @@
 
 On a shared machine the load changes by the minute, so the two sides are measured as interleaved pairs (ours,
 official, ours, official, ...) on the same CPUs (affinity of both processes; torch's intra-op threads = that
-count; XLA sizes its CPU pool from the schedulable CPUs), one process at a time, each reporting its own step times,
-peak resident memory and the load average around its timed steps. The summary gives per size the min and median
+count; XLA sizes its CPU pool from the schedulable CPUs), one process at a time and one per size, each reporting its
+own step times, peak resident memory (loading + that size's step, for both sides) and the load average around its
+timed steps. The summary gives per size the min and median
 of each side over all rounds and the speed ratio official / ours (above 1: ours is faster).
 
 Our processes share a persistent compilation cache (JAX_COMPILATION_CACHE_DIR, a temp dir unless set), so only the
@@ -67,27 +68,27 @@ def compare(a: Any) -> dict:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pasd_step_xla_"))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     env.setdefault("JAX_PLATFORMS", "cpu")
-    sizes = [str(s) for s in a.sizes]
     ours = [sys.executable, str(REPO / "bench" / "bench_step.py"), "--model", a.model, "--variant", a.variant,
             "--dtype", a.dtype, "--repeats", str(a.repeats), "--attention", a.attention, "--weights", a.weights,
-            "--xla-options", a.xla_options,
-            "--sizes", *sizes]
+            "--xla-options", a.xla_options]
     config = "sd15" if a.model == "sd15" else str(REPO / "pasd_jax" / "assets" / a.model)
-    official = [official_python(a.official_python), str(REPO / "bench" / "official_baseline.py"), "--sizes", *sizes,
+    official = [official_python(a.official_python), str(REPO / "bench" / "official_baseline.py"),
                 "--config", config,
                 "--dtype", a.dtype, "--repeats", str(a.repeats), "--warmup", "1", "--loop-steps", "0",
                 "--threads", str(len(cpus))]
     rounds = []
     for i in range(a.rounds):
-        pair = {}
-        for side, cmd in (("ours", ours), ("official", official)):
-            res = _run(cmd, cpus, env, f"round {i + 1}/{a.rounds} {side}")
-            pair[side] = {"rows": _side_rows(res, side), "peak_rss_bytes": res["peak_rss_bytes"],
-                          "wall_s": res["wall_s"], "raw": res}
-            for size, row in pair[side]["rows"].items():
+        pair: dict[str, Any] = {"ours": {"rows": {}, "raw": []}, "official": {"rows": {}, "raw": []}}
+        for size in a.sizes:  # one process per size and side: each peak RSS is loading + that size's step
+            for side, cmd in (("ours", ours), ("official", official)):
+                res = _run([*cmd, "--sizes", str(size)], cpus, env, f"round {i + 1}/{a.rounds} {side} {size}px")
+                row = _side_rows(res, side)[size]
+                row["wall_s"] = res["wall_s"]
+                pair[side]["rows"][size] = row
+                pair[side]["raw"].append(res)
                 print(f"[compare] round {i + 1} {side:8s} {size}px: min {row['min_s']:.2f} s, median "
                       f"{row['median_s']:.2f} s, load {row['load_avg'][0]:.1f}-{row['load_avg'][1]:.1f}, peak RSS "
-                      f"{res['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+                      f"{row['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
         rounds.append(pair)
     summary = []
     for size in a.sizes:
@@ -96,7 +97,7 @@ def compare(a: Any) -> dict:
             mins = [r[side]["rows"][size]["min_s"] for r in rounds]
             meds = [r[side]["rows"][size]["median_s"] for r in rounds]
             row[side] = {"min_s": min(mins), "median_s": statistics.median(meds),
-                         "peak_rss_bytes": max(r[side]["peak_rss_bytes"] for r in rounds),
+                         "peak_rss_bytes": max(r[side]["rows"][size]["peak_rss_bytes"] for r in rounds),
                          "load_avg": [x for r in rounds for x in r[side]["rows"][size]["load_avg"]]}
         row["speedup_min"] = row["official"]["min_s"] / row["ours"]["min_s"]
         row["speedup_median"] = row["official"]["median_s"] / row["ours"]["median_s"]
@@ -114,6 +115,7 @@ def compare(a: Any) -> dict:
               "repeats": a.repeats, "env": environment(), "summary": summary,
               "rounds_detail": [{side: {k: v for k, v in p[side].items() if k != "raw"} for side in p}
                                 for p in rounds],
-              "ours_env": rounds[0]["ours"]["raw"]["env"], "official_torch": rounds[0]["official"]["raw"]["torch"]}
+              "ours_env": rounds[0]["ours"]["raw"][0]["env"],
+              "official_torch": rounds[0]["official"]["raw"][0]["torch"]}
     emit(result, a.out)
     return result
