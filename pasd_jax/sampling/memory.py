@@ -36,15 +36,13 @@ RUNTIME_BYTES = 400 << 20  # the JAX runtime, compiled programs and the host sid
 # Live full-size activations per phase, in units of the phase's widest full-resolution activation (measured: SD1.5
 # VAE at 256 and 512 px, fp32 CPU: encoder 3.0-3.1 x 128 channels, decoder 3.5 x 256 channels, untiled; the tiled
 # VAE keeps whole activations plus padded copies: encoder up to 10.3 x, decoder 7.4 x; tiny VAE alike).
-VAE_ENCODE_COPIES = 3.1
-VAE_DECODE_COPIES = 3.5
-VAE_ENCODE_TILED_COPIES = 10.3
-VAE_DECODE_TILED_COPIES = 7.5
+VAE_ENCODE_COPIES, VAE_DECODE_COPIES = 3.1, 3.5
+VAE_ENCODE_TILED_COPIES, VAE_DECODE_TILED_COPIES = 10.3, 7.5
 # One ControlNet + UNet call: the DR pyramid's first level at image resolution (input + about 2.5 maps of its
 # channels: tiny model at 128-512 px, where it dominates) and, on the latent path, the UNet skips + ControlNet
 # residuals held at once plus working maps of the widest level (c x tokens; GEGLU alone is 12 of them): fitted to
-# the SD1.5 step with CFG, fp32, flash attention, the sampler's XLA options: 189 MB compiled at 256 px (estimate
-# 192), 761 MB at 512 (753). The pyramid runs once per image, the latent path per prompt (models.shared_batch).
+# the SD1.5 CFG step (fp32, flash, the sampler's XLA options; pyramid per image, latent path per prompt as
+# models.shared_batch runs them): 189 MB compiled at 256 px (estimate 192), 761 MB at 512 (753).
 COND_COPIES = 2.5
 LATENT_WORK_MAPS = 60.0
 LATENT_TILE_CANDIDATES = (256, 192, 160, 128, 96, 64)
@@ -225,13 +223,11 @@ def _attention_peak(calls: Sequence[tuple[int, int, int, int]], batch: int, dtyp
 
 def denoise_bytes(models: Models, n: int, h: int, w: int, dtype_name: str, backend: str, impl: str = "auto",
                   images: int | None = None) -> tuple[int, int]:
-    """(activation bytes, attention bytes) of one ControlNet + UNet call on `n` rows of h x w latents, `images` of
-    them distinct (default n): the DR pyramid runs once per image (`models.shared_batch`)."""
+    """(activation, attention) bytes of one ControlNet + UNet call on `n` rows of h x w latents, `images` of them
+    distinct (default n): the DR pyramid runs once per image (`models.shared_batch`)."""
     dtype = DTYPES[dtype_name]
-    itemsize = np.dtype(dtype).itemsize
-    cfg = models.unet.config
+    itemsize, cfg, ccfg = np.dtype(dtype).itemsize, models.unet.config, models.controlnet.config
     f = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    ccfg = models.controlnet.config
     pixels = (f * h) * (f * w)
     cond = pixels * (ccfg.conditioning_channels + COND_COPIES * ccfg.conditioning_embedding_out_channels[0])
     levels = _levels(cfg, h, w)
@@ -271,8 +267,8 @@ def estimate(models: Models, options: SamplingOptions, height: int, width: int, 
     if tiled:  # tile chunks over the devices, whole images replicated
         tile = min(options.latent_tile_size, h, w)
         chunk = -(-options.tile_batch // devices) * devices
-        den, attn = denoise_bytes(models, cfg_mult * chunk // devices, tile, tile, options.dtype, backend, impl,
-                                  images=chunk // devices)
+        rows = chunk // devices
+        den, attn = denoise_bytes(models, cfg_mult * rows, tile, tile, options.dtype, backend, impl, images=rows)
         per_dev = batch
     else:
         per_dev = -(-batch // devices)
